@@ -1,0 +1,5 @@
+import sys
+
+from layout_retouch.cli import main
+
+sys.exit(main())
