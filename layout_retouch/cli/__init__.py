@@ -6,13 +6,11 @@ import argparse
 import importlib
 import sys
 
+from layout_retouch.errors import LayoutRetouchError
+
 # Each entry is a module of this package that defines `register(subparsers)`; the parser it adds
 # sets `func`, called with the parsed arguments. Add a command by adding its module here.
 COMMANDS = ["generate", "demo", "personalize", "evaluate", "toy_bench"]
-
-
-class CliError(Exception):
-    """An error whose message is meant for the user as is (no traceback)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, FileNotFoundError, ValueError) as err:
+    except (LayoutRetouchError, FileNotFoundError) as err:
         print(f"layout-retouch {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,160 @@
+"""Every hyperparameter of Layout-and-Retouch in one place, with the paper's defaults.
+
+Sources: "paper" is Kim, Seo et al., arXiv 2407.09779; "MasaCtrl" is Cao et al., ICCV 2023;
+"DreamMatcher" is Nam et al., CVPR 2024; "[choice]" marks a value the paper does not state
+(see docs in ALGORITHM.md), kept as a named parameter rather than a literal in the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from layout_retouch.errors import LayoutRetouchError
+
+Method = Literal["I", "II", "III", "IV", "V"]
+
+METHOD_NAMES: dict[str, Method] = {
+    "I": "I", "personalized": "I", "plain": "I",
+    "II": "II", "step-blend": "II", "layout": "II",
+    "III": "III", "single-pass": "III", "masactrl": "III",
+    "IV": "IV", "multi-source": "IV", "no-mask": "IV",
+    "V": "V", "full": "V", "layout-retouch": "V",
+}
+
+
+@dataclass
+class LayoutRetouchConfig:
+    """Hyperparameters of both stages; `method` picks the ablation row of the paper's Table 4."""
+
+    # --- ablation row (paper, Table 4): I plain personalized, II + step-blending, III + single-pass
+    # reference swap, IV + multi-source swap, V + adaptive mask blending (the full method).
+    method: Method = "V"
+
+    # --- sampling (paper sec. 4 / diffusers SD 1.x defaults)
+    num_inference_steps: int = 50  # paper: DDIM 50 steps
+    guidance_scale: float = 7.5  # paper: CFG 7.5 (DreamMatcher's evaluation uses 10)
+    eta: float = 0.0  # DDIM, deterministic (paper)
+    height: int | None = None  # None: the UNet's training resolution (512 for SD 1.x)
+    width: int | None = None
+
+    # --- Stage 1: step-blended denoising
+    # T_l, vanilla steps: paper uses 5 of 50 for normal prompts and an unstated larger value for
+    # challenging ones [choice: expose; sweep 5/10/15]. An int is a step count, a float in [0, 1]
+    # a fraction of num_inference_steps.
+    vanilla_steps: int | float = 5
+
+    # --- Stage 2: multi-source attention swap
+    # S_ref: steps before it take the layout's self-attention map, steps from it on take the
+    # reference's keys/values (paper: 4, following MasaCtrl's start step).
+    ref_start_step: int = 4
+    # [choice] the paper names two swapped variables without symbols: "map" swaps the attention
+    # map (layout Q,K; target V, Photoswap-style), "qkv" swaps Q, K and V outright.
+    early_swap: Literal["map", "qkv"] = "map"
+    # L_ref: decoder self-attention layers at or above this fraction of the latent resolution take
+    # the reference's K,V (SD 1.x: 1/2 and 1/1, i.e. call-order blocks 10-15; paper: l >= 10).
+    ref_min_resolution: float = 0.5
+    # Optional explicit call-order indices overriding the rule above (None: use the rule).
+    ref_layer_indices: tuple[int, ...] | None = None
+    # Restrict the reference's keys to its subject (MasaCtrl's masked mutual self-attention); the
+    # reference mask is its own subject cross-attention, min-max normalized and thresholded here
+    # [choice: same value as tau].
+    ref_subject_only: bool = True
+    ref_mask_threshold: float = 0.1
+    # [choice] the layout path's latents: "replay" the Stage 1 trajectory exactly (spec), or
+    # "invert" the decoded layout image with DDIM as the paper may have done.
+    layout_source: Literal["replay", "invert"] = "replay"
+    # The target's prompt (spec: the neutral P_n). "layout" makes the target take the layout's
+    # prompt and model at each step: with no control it then reproduces the layout (a test).
+    target_prompt: Literal["neutral", "personalized", "layout"] = "neutral"
+
+    # --- adaptive mask blending
+    # S_mask: first step of mask blending [choice: S_mask = S_ref].
+    mask_start_step: int | None = None
+    # [choice] layers that blend: same rule as the reference swap unless given.
+    mask_min_resolution: float | None = None
+    # Cross-attention layers that make M_ca, as a fraction of the latent resolution (paper: the
+    # 16x16 layers of SD 1.x at 512 px, i.e. 1/4; a small UNet may need 1/2).
+    mask_attention_resolution: float = 0.25
+    tau: float = 0.1  # M_ca threshold after min-max normalization (MasaCtrl: 0.1)
+    min_component_area: float = 0.01  # a_min, fraction of the image [choice: 1%]
+    # Segmenter for M_sam: "sam" (Segment Anything through transformers), "none" (cross-attention
+    # only) or a name registered by an extension (the toy world registers "toy").
+    segmenter: str = "sam"
+    sam_model: str = "facebook/sam-vit-base"  # issue: SAM ViT-B through transformers
+
+    # --- reference inversion (paper: DDIM inversion, empty prompt, no guidance, same timesteps)
+    inversion_prompt: str = ""
+    inversion_cache_dir: str | None = None  # None: ~/.cache/layout_retouch/inversions
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with outputs
+
+    def __post_init__(self) -> None:
+        self.method = resolve_method(self.method)
+        if self.num_inference_steps < 1:
+            raise LayoutRetouchError("num_inference_steps must be at least 1")
+        v = self.vanilla_steps
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise LayoutRetouchError(f"vanilla_steps as a fraction must lie in [0, 1], got {v}")
+        if isinstance(v, int) and not 0 <= v <= self.num_inference_steps:
+            raise LayoutRetouchError(
+                f"vanilla_steps={v} must lie in [0, num_inference_steps={self.num_inference_steps}]"
+            )
+        if not 0.0 <= self.tau < 1.0:
+            raise LayoutRetouchError(f"tau must lie in [0, 1), got {self.tau}")
+
+    # Derived values: one place that turns the config into step counts and layer rules.
+    @property
+    def num_vanilla_steps(self) -> int:
+        """T_l as a step count."""
+        if self.method == "I":
+            return 0
+        v = self.vanilla_steps
+        return round(v * self.num_inference_steps) if isinstance(v, float) else v
+
+    @property
+    def mask_start(self) -> int:
+        return self.ref_start_step if self.mask_start_step is None else self.mask_start_step
+
+    @property
+    def blend_min_resolution(self) -> float:
+        return self.ref_min_resolution if self.mask_min_resolution is None else self.mask_min_resolution
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.method in ("III", "IV", "V")
+
+    @property
+    def uses_layout_path(self) -> bool:
+        return self.method in ("IV", "V")
+
+    @property
+    def uses_mask_blending(self) -> bool:
+        return self.method == "V"
+
+    def replace(self, **changes: Any) -> LayoutRetouchConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayoutRetouchConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LayoutRetouchError(f"unknown config keys: {', '.join(unknown)}")
+        if data.get("ref_layer_indices") is not None:
+            data = {**data, "ref_layer_indices": tuple(data["ref_layer_indices"])}
+        return cls(**data)
+
+
+def resolve_method(name: str) -> Method:
+    """Map `I`..`V` or a descriptive name (e.g. `full`, `step-blend`) to the Table 4 id."""
+    key = str(name).strip()
+    method = METHOD_NAMES.get(key) or METHOD_NAMES.get(key.upper()) or METHOD_NAMES.get(key.lower())
+    if method is None:
+        choices = ", ".join(sorted(METHOD_NAMES))
+        raise LayoutRetouchError(f"unknown method {name!r}; choose one of: {choices}")
+    return method
