@@ -1,0 +1,130 @@
+"""DDIM inversion of the reference photo, cached on disk per model, image, size and schedule.
+
+The reference path replays this trajectory, so at every step its self-attention keys and values
+describe the real photo. One concept is inverted once for all its prompts and seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from layout_retouch.errors import ImageInputError
+
+
+@dataclass
+class InversionTrajectory:
+    latents: list[torch.Tensor]  # latents[k]: the reference at timestep t_k; latents[-1]: its clean latent
+    timesteps: torch.Tensor
+
+
+def load_reference_image(image, size: tuple[int, int]) -> Image.Image:
+    """Open and check a reference photo, then resize and center-crop it to (height, width)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageInputError(f"reference image {path} does not exist")
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise ImageInputError(f"reference image {path} cannot be read as an image: {err}") from err
+    elif not isinstance(image, Image.Image):
+        raise ImageInputError(f"reference image must be a path or a PIL image, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ImageInputError("reference image is empty (0 pixels)")
+    image = image.convert("RGB")
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+@torch.no_grad()
+def encode_image(vae, image: Image.Image) -> torch.Tensor:
+    """The VAE posterior mean, scaled like the UNet's latents."""
+    pixels = image_to_tensor(image).to(vae.device, vae.dtype)
+    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def ddim_invert(unet, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor,
+                progress: bool = True) -> InversionTrajectory:
+    """Run DDIM backwards (eta 0, no guidance) from the clean latent up through `timesteps`."""
+    alphas = scheduler.alphas_cumprod.to(latent.device)
+    final = scheduler.final_alpha_cumprod.to(latent.device)
+    ts = list(timesteps)
+    states = [latent]
+    x = latent
+    for i in tqdm(reversed(range(len(ts))), total=len(ts), desc="invert reference", disable=not progress,
+                  leave=False):
+        t = ts[i]
+        a_next = alphas[int(t)]  # noisier: where this inversion step lands
+        a_prev = alphas[int(ts[i + 1])] if i + 1 < len(ts) else final  # where x is now
+        eps = unet(x, t, encoder_hidden_states=embedding).sample
+        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        states.append(x)
+    return InversionTrajectory(states[::-1], timesteps)
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap digest of a model's weights (shapes and a sample of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class InversionCache:
+    """Inverted trajectories on disk, keyed by model, image content, size, schedule and prompt."""
+
+    def __init__(self, folder: str | Path | None = None):
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layout_retouch" / "inversions"
+        self.folder = Path(folder) if folder else default
+
+    def key(self, model_id: str, image: Image.Image, timesteps: torch.Tensor, prompt: str, scheduler_config) -> str:
+        digest = hashlib.sha256()
+        digest.update(model_id.encode())
+        digest.update(np.asarray(image).tobytes())
+        digest.update(str(image.size).encode())
+        digest.update(json.dumps([int(t) for t in timesteps]).encode())
+        digest.update(prompt.encode())
+        digest.update(json.dumps(dict(scheduler_config), sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:32]
+
+    def load(self, key: str, device, dtype) -> InversionTrajectory | None:
+        path = self.folder / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        data = load_file(str(path))
+        latents = [x[None].to(device, dtype) for x in data["latents"]]
+        return InversionTrajectory(latents, data["timesteps"])
+
+    def save(self, key: str, trajectory: InversionTrajectory) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"latents": torch.cat(trajectory.latents).float().cpu().contiguous(),
+                   "timesteps": torch.as_tensor(trajectory.timesteps).cpu()}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, self.folder / f"{key}.safetensors")

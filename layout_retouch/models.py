@@ -1,0 +1,347 @@
+"""Loading the vanilla (base) model and the personalized model as one pair that shares what it can.
+
+Stage 1 alternates between the two models; Stage 2 runs the personalized one. Whatever a
+personalization leaves unchanged is shared: Textual Inversion only adds token embeddings, a LoRA is
+one UNet whose adapter is switched off for vanilla steps, Custom Diffusion swaps only the
+cross-attention key/value weights. Only DreamBooth needs a second UNet (and text encoder, when it
+was fine-tuned).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from layout_retouch.errors import ModelLoadError
+
+KINDS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+CD_WEIGHT_SUFFIXES = ("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight",
+                      "to_q_custom_diffusion.weight", "to_out_custom_diffusion.0.weight",
+                      "to_out_custom_diffusion.0.bias")
+
+
+@dataclass
+class ModelPair:
+    """The two models of the method. `select(personalized)` returns the (unet, text_encoder) to call."""
+
+    pipe: StableDiffusionPipeline  # the base components (vae, tokenizer, scheduler, vanilla unet/text encoder)
+    kind: str | None = None
+    token: str | None = None
+    class_word: str | None = None
+    personal_unet: UNet2DConditionModel | None = None  # DreamBooth only
+    personal_text_encoder: torch.nn.Module | None = None  # DreamBooth with a fine-tuned text encoder
+    switch: Callable[[bool], None] | None = None  # toggles a shared UNet (LoRA, Custom Diffusion)
+    sources: dict = field(default_factory=dict)  # what was loaded, saved next to outputs
+    _state: bool | None = None
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def scheduler(self) -> DDIMScheduler:
+        return self.pipe.scheduler
+
+    def select(self, personalized: bool):
+        """The UNet and text encoder of one model, with a shared UNet switched accordingly."""
+        if self.switch is not None and self._state is not personalized:
+            self.switch(personalized)
+            self._state = personalized
+        unet = self.personal_unet if personalized and self.personal_unet is not None else self.pipe.unet
+        te = (self.personal_text_encoder if personalized and self.personal_text_encoder is not None
+              else self.pipe.text_encoder)
+        return unet, te
+
+    def unets(self) -> list[UNet2DConditionModel]:
+        return [self.pipe.unet] + ([self.personal_unet] if self.personal_unet is not None else [])
+
+    def expand_prompt(self, prompt: str) -> str:
+        """Spell a multi-vector Textual Inversion token out as its pieces, as the tokenizer needs."""
+        return self.pipe.maybe_convert_prompt(prompt, self.tokenizer)
+
+    def to(self, device=None, dtype=None) -> ModelPair:
+        self.pipe.to(device=device, dtype=dtype)
+        for module in (self.personal_unet, self.personal_text_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+
+def load_model_pair(
+    base: str,
+    personalized: str | None = None,
+    kind: str | None = None,
+    token: str | None = None,
+    class_word: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    base_config: str | None = None,
+) -> ModelPair:
+    """Load the base model and, if given, its personalization (kind auto-detected when None)."""
+    pipe = load_base(base, torch_dtype, allow_pickle, base_config)
+    pair = ModelPair(pipe=pipe, token=token, class_word=class_word, sources={"base": str(base)})
+    if personalized is None:
+        return pair
+    path = Path(personalized)
+    if not path.exists():
+        raise ModelLoadError(f"personalized model {personalized!r} does not exist")
+    kind = kind or detect_kind(path)
+    if kind not in KINDS:
+        raise ModelLoadError(f"unknown personalization kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not token:
+        raise ModelLoadError("a personalized model needs its token (e.g. --token sks)")
+    pair.kind = kind
+    pair.sources.update(personalized=str(path), kind=kind, token=token, class_word=class_word)
+    LOADERS[kind](pair, path, torch_dtype, allow_pickle)
+    check_token_known(pair)
+    return pair
+
+
+def load_base(base: str, torch_dtype, allow_pickle: bool, base_config: str | None) -> StableDiffusionPipeline:
+    path = Path(base)
+    common = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if path.is_file():
+        _check_weights_file(path, allow_pickle)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=base_config, **common)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"cannot load the single-file checkpoint {base!r}: {err}. A single file needs the model's "
+                "config: pass --base-config with a local diffusers folder (or a hub id where the hub is reachable)"
+            ) from err
+    elif path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{base!r} is not a diffusers pipeline folder (no model_index.json); give a folder made by "
+                "save_pretrained, a single .safetensors checkpoint, or a hub id"
+            )
+        pipe = _from_pretrained(StableDiffusionPipeline, str(path), allow_pickle, **common)
+    elif _looks_like_hub_id(base):
+        try:
+            pipe = _from_pretrained(StableDiffusionPipeline, base, allow_pickle, **common)
+        except OSError as err:
+            raise ModelLoadError(
+                f"cannot load {base!r} from the model hub ({err.__class__.__name__}): the hub is unreachable or "
+                "the id is wrong. A local diffusers folder or a .safetensors file works offline"
+            ) from err
+    else:
+        raise ModelLoadError(f"base model {base!r} does not exist (not a file, folder or hub id)")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the method is defined on DDIM
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_pretrained(cls, name: str, allow_pickle: bool, subfolder: str | None = None, **kwargs):
+    try:
+        return cls.from_pretrained(name, subfolder=subfolder, use_safetensors=True, **kwargs) if subfolder \
+            else cls.from_pretrained(name, use_safetensors=True, **kwargs)
+    except (OSError, EnvironmentError) as err:
+        if not allow_pickle or "safetensors" not in str(err).lower():
+            if "safetensors" in str(err).lower():
+                raise ModelLoadError(
+                    f"{name!r} has no safetensors weights; pickled weights can run code when loaded, so "
+                    "they are refused unless you pass --allow-pickle (then loaded with weights_only=True)"
+                ) from err
+            raise
+    # diffusers loads pickled weights with torch.load(weights_only=True).
+    extra = {"subfolder": subfolder} if subfolder else {}
+    return cls.from_pretrained(name, use_safetensors=False, **extra, **kwargs)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _check_weights_file(path: Path, allow_pickle: bool) -> None:
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} is a pickled checkpoint, which can run code when loaded; convert it to safetensors or "
+            "pass --allow-pickle to load it with weights_only=True"
+        )
+
+
+def load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """safetensors always; a pickle only when allowed, and then tensors only (weights_only=True)."""
+    _check_weights_file(path, allow_pickle)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_file():
+        if path.suffix in (".safetensors", *PICKLE_SUFFIXES) and path.stat().st_size < 5_000_000:
+            keys = list(load_state_dict(path, allow_pickle=True).keys()) if path.suffix == ".safetensors" \
+                else []
+            if any("lora" in k for k in keys):
+                return "lora"
+            if any("custom_diffusion" in k for k in keys):
+                return "custom_diffusion"
+            return "textual_inversion"
+        return "dreambooth"
+    names = {p.name for p in path.iterdir()}
+    if "model_index.json" in names or "unet" in names:
+        return "dreambooth"
+    if any("custom_diffusion" in n for n in names):
+        return "custom_diffusion"
+    if any("lora" in n for n in names):
+        return "lora"
+    if any(n.startswith("learned_embeds") for n in names):
+        return "textual_inversion"
+    raise ModelLoadError(
+        f"cannot tell what kind of personalization {path} holds; pass --personalization "
+        f"({', '.join(KINDS)})"
+    )
+
+
+def _weights_file(path: Path, stems: tuple[str, ...], allow_pickle: bool) -> Path:
+    if path.is_file():
+        return path
+    for stem in stems:
+        for suffix in (".safetensors", *PICKLE_SUFFIXES):
+            candidate = path / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise ModelLoadError(f"no weights file named {' or '.join(stems)}.safetensors in {path}")
+
+
+def load_dreambooth(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
+    if path.is_file():
+        fine_tuned = load_base(str(path), torch_dtype, allow_pickle, base_config=pair.sources.get("base"))
+        unet, text_encoder = fine_tuned.unet, fine_tuned.text_encoder
+    else:
+        unet_dir = path / "unet" if (path / "unet").is_dir() else path
+        if not (unet_dir / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a DreamBooth folder: no unet/config.json")
+        unet = _from_pretrained(UNet2DConditionModel, str(unet_dir), allow_pickle, torch_dtype=torch_dtype)
+        text_encoder = None
+        if (path / "text_encoder" / "config.json").is_file():
+            text_encoder = _from_pretrained(type(pair.pipe.text_encoder), str(path / "text_encoder"),
+                                            allow_pickle, torch_dtype=torch_dtype)
+    check_same_architecture(pair.pipe.unet, unet, "the DreamBooth UNet")
+    pair.personal_unet = unet
+    if text_encoder is not None and not _same_weights(text_encoder, pair.pipe.text_encoder):
+        pair.personal_text_encoder = text_encoder
+
+
+def load_textual_inversion(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
+    file = _weights_file(path, ("learned_embeds", pair.token.strip("<>")), allow_pickle)
+    state = load_state_dict(file, allow_pickle)
+    _add_embedding(pair, state, file)
+
+
+def _add_embedding(pair: ModelPair, state: dict, file: Path) -> None:
+    token = pair.token
+    if token in state:
+        embedding = state[token]
+    elif len(state) == 1 or "string_to_param" in state or "emb_params" in state:
+        embedding = state  # diffusers resolves the A1111 / single-tensor layouts itself
+    else:
+        raise ModelLoadError(f"token {token!r} not found in the embedding {file} (it has {', '.join(state)})")
+    if isinstance(embedding, torch.Tensor) and embedding.shape[-1] != pair.pipe.text_encoder.config.hidden_size:
+        raise ModelLoadError(
+            f"the embedding in {file} has width {embedding.shape[-1]} but the base text encoder "
+            f"{pair.pipe.text_encoder.config.hidden_size}: it was trained for another base model"
+        )
+    try:
+        pair.pipe.load_textual_inversion(embedding, token=token)
+    except ValueError as err:
+        raise ModelLoadError(f"cannot add the embedding of {token!r} from {file}: {err}") from err
+
+
+def load_lora(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
+    file = _weights_file(path, ("pytorch_lora_weights",), allow_pickle)
+    state = load_state_dict(file, allow_pickle)
+    try:
+        pair.pipe.load_lora_weights(state, adapter_name="personal")
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"cannot apply the LoRA {file} to the base model: {err}") from err
+
+    def switch(personalized: bool) -> None:
+        (pair.pipe.enable_lora if personalized else pair.pipe.disable_lora)()
+
+    pair.switch = switch
+
+
+def load_custom_diffusion(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
+    """Merge the fine-tuned attention projections into the UNet's own, behind a switch.
+
+    Custom Diffusion fine-tunes the cross-attention key/value projections (and adds a token). Putting
+    them into the plain `to_k`/`to_v` modules, instead of a Custom Diffusion attention processor, lets
+    any attention processor, ours included, run on top of them.
+    """
+    file = _weights_file(path, ("pytorch_custom_diffusion_weights",), allow_pickle)
+    state = load_state_dict(file, allow_pickle)
+    unet = pair.pipe.unet
+    params = dict(unet.named_parameters())
+    swaps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, value in state.items():
+        layer, _, rest = key.partition(".processor.")
+        rest = rest.replace("_custom_diffusion", "")
+        name = f"{layer}.{rest}"
+        if name not in params:
+            raise ModelLoadError(f"{file}: {key} names no parameter of the base UNet ({name})")
+        if params[name].shape != value.shape:
+            raise ModelLoadError(
+                f"{file}: {key} has shape {tuple(value.shape)} but the base UNet's {name} has "
+                f"{tuple(params[name].shape)}: it was trained for another base model"
+            )
+        swaps[name] = (params[name].data, value.to(params[name].device, params[name].dtype))
+    if not swaps:
+        raise ModelLoadError(f"{file} holds no Custom Diffusion weights")
+
+    def switch(personalized: bool) -> None:
+        for name, (vanilla, personal) in swaps.items():
+            params[name].data = personal if personalized else vanilla
+
+    pair.switch = switch
+    embeddings = [p for p in sorted(path.glob("*.safetensors")) if p != file] if path.is_dir() else []
+    for emb in embeddings:
+        _add_embedding(pair, load_file(str(emb)), emb)
+
+
+LOADERS = {
+    "dreambooth": load_dreambooth,
+    "lora": load_lora,
+    "textual_inversion": load_textual_inversion,
+    "custom_diffusion": load_custom_diffusion,
+}
+
+
+def check_same_architecture(base: torch.nn.Module, other: torch.nn.Module, what: str) -> None:
+    keys = ("block_out_channels", "cross_attention_dim", "down_block_types", "up_block_types",
+            "in_channels", "attention_head_dim", "layers_per_block", "sample_size")
+    a, b = base.config, other.config
+    diffs = [k for k in keys if json.dumps(a.get(k)) != json.dumps(b.get(k))]
+    if diffs:
+        detail = "; ".join(f"{k}: base {a.get(k)} vs {b.get(k)}" for k in diffs)
+        raise ModelLoadError(f"{what} does not match the base model ({detail}): was it trained from another base?")
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].dtype)) for k in sa)
+
+
+def check_token_known(pair: ModelPair) -> None:
+    """The personal token must be a word the tokenizer knows, or the personalized model never sees it."""
+    tok = pair.tokenizer
+    ids = tok(pair.expand_prompt(pair.token), add_special_tokens=False).input_ids
+    if not ids or (tok.unk_token_id is not None and tok.unk_token_id in ids
+                   and tok.unk_token_id != tok.eos_token_id):
+        raise ModelLoadError(
+            f"token {pair.token!r} is not in the tokenizer's vocabulary; check --token against the "
+            "personalized model (DreamBooth's rare word, or the Textual Inversion placeholder)"
+        )

@@ -1,0 +1,288 @@
+"""`LayoutRetouchPipeline`: the paper's two stages, top to bottom, in diffusers' style."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from layout_retouch.attention_control import LAYOUT, REFERENCE, TARGET, AttentionController, ControlPlan, build_plan
+from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.inversion import (
+    InversionCache,
+    InversionTrajectory,
+    ddim_invert,
+    encode_image,
+    load_reference_image,
+    model_fingerprint,
+)
+from layout_retouch.layers import attention_layers, select_map_layers
+from layout_retouch.masks import box_and_peak, resize_mask
+from layout_retouch.models import ModelPair, load_model_pair
+from layout_retouch.prompts import SubjectPrompts, derive_prompts, subject_token_indices
+from layout_retouch.sampling import Conditioning, attention_control, encode_text
+from layout_retouch.segmenters import load_segmenter
+from layout_retouch.stage1_layout import LayoutTrajectory, step_blended_denoise
+from layout_retouch.stage2_retouch import MaskBuilder, RetouchConditioning, retouch
+
+
+@dataclass
+class LayoutRetouchOutput(BaseOutput):
+    images: list  # the result (PIL images, or an array / tensor per output_type)
+    layout_images: list | None  # Stage 1's output I_l (None for ablation III)
+    prompts: SubjectPrompts | None
+    config: dict
+    trajectory: LayoutTrajectory | None = None
+    reference_image: Image.Image | None = None  # the reference as the model saw it (resized, cropped)
+    reference_reconstruction: Image.Image | None = None  # VAE decode of its inverted clean latent
+    masks: dict = field(default_factory=dict)  # name -> (n, H_lat, W_lat) arrays: m_ca, m_sam, union, final
+    attention_maps: dict = field(default_factory=dict)  # role -> (steps, n, h, w) subject maps
+
+
+class LayoutRetouchPipeline:
+    """Layout-and-Retouch on a vanilla / personalized model pair (see ALGORITHM.md)."""
+
+    def __init__(self, models: ModelPair, config: LayoutRetouchConfig | None = None, progress: bool = True):
+        self.models = models
+        self.config = config or LayoutRetouchConfig()
+        self.progress = progress
+        self._segmenters: dict = {}
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, base: str, personalized: str | None = None, personalization: str | None = None,
+                        token: str | None = None, class_word: str | None = None,
+                        torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+                        base_config: str | None = None, config: LayoutRetouchConfig | None = None,
+                        device: str | torch.device | None = None, **kwargs) -> LayoutRetouchPipeline:
+        """Load `base` (hub id, diffusers folder or single file) and its personalization."""
+        models = load_model_pair(base, personalized, personalization, token, class_word, torch_dtype,
+                                 allow_pickle, base_config)
+        pipe = cls(models, config, **kwargs)
+        return pipe.to(device) if device is not None else pipe
+
+    # --- diffusers-style conveniences
+    @property
+    def device(self) -> torch.device:
+        return self.models.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.models.pipe.unet.dtype
+
+    def to(self, device=None, dtype=None) -> LayoutRetouchPipeline:
+        self.models.to(device, dtype)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
+        """Keep each model on the CPU until it runs (for GPUs with little memory), via accelerate."""
+        from accelerate import cpu_offload_with_hook
+
+        hook = None
+        modules = [self.models.pipe.text_encoder, self.models.personal_text_encoder, *self.models.unets(),
+                   self.models.pipe.vae]
+        for module in dict.fromkeys(m for m in modules if m is not None):
+            _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+        self._execution_device = torch.device(device)
+
+    @property
+    def execution_device(self) -> torch.device:
+        return getattr(self, "_execution_device", self.device)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.models.vae.config.block_out_channels) - 1)
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.models.pipe.unet.config.sample_size * self.vae_scale_factor
+        return (self.config.height or side, self.config.width or side)
+
+    # --- the method
+    @torch.no_grad()
+    def __call__(self, prompt: str, reference_image=None, config: LayoutRetouchConfig | None = None,
+                 num_images_per_prompt: int = 1, generator: torch.Generator | list | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil",
+                 save_intermediates: bool = False, **overrides) -> LayoutRetouchOutput:
+        config = (config or self.config).replace(**overrides) if overrides else (config or self.config)
+        models = self.models
+        n = num_images_per_prompt
+        height, width = config.height or self.default_size()[0], config.width or self.default_size()[1]
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if config.uses_reference and reference_image is None:
+            raise LayoutRetouchError(
+                f"method {config.method} borrows the subject's appearance from a reference photo: pass "
+                "reference_image (CLI: --reference), or choose --method I or II"
+            )
+
+        prompts = self.derive_prompts(prompt)
+        cond = self.encode_prompts(prompts)
+        scheduler = models.scheduler
+        scheduler.set_timesteps(config.num_inference_steps, device=self.execution_device)
+        timesteps = scheduler.timesteps
+        if latents is None:
+            shape = (n, models.pipe.unet.config.in_channels, *latent_size)
+            latents = randn_tensor(shape, generator=generator, device=self.execution_device, dtype=self.dtype)
+            latents = latents * scheduler.init_noise_sigma
+
+        # Stage 1: the layout (the result itself for ablations I and II).
+        layout_recorder = None
+        if config.uses_mask_blending or save_intermediates:
+            layers = attention_layers(models.pipe.unet)
+            layout_recorder = AttentionController(
+                ControlPlan(map_layers=select_map_layers(layers, config.mask_attention_resolution)),
+                latent_size=latent_size, keep_map_history=save_intermediates)
+        trajectory = None
+        if config.method != "III":
+            with attention_control(models.unets(), layout_recorder):
+                trajectory = step_blended_denoise(
+                    models, latents, timesteps, config.num_vanilla_steps, cond.vanilla, cond.personalized,
+                    config.guidance_scale, config.eta, layout_recorder, self.progress)
+        layout_images = self.decode(trajectory.latents[-1], "pil") if trajectory is not None else None
+        output = LayoutRetouchOutput(images=[], layout_images=layout_images, prompts=prompts,
+                                     config=config.to_dict(), trajectory=trajectory)
+        if layout_recorder is not None and layout_recorder.history is not None:
+            output.attention_maps[LAYOUT] = torch.stack(layout_recorder.history.get(LAYOUT, [])).numpy() \
+                if layout_recorder.history.get(LAYOUT) else None
+        if not config.uses_reference:
+            output.images = self.decode(trajectory.latents[-1], output_type)
+            return output
+
+        # Stage 2: retouch with the reference's appearance.
+        ref_image = load_reference_image(reference_image, (height, width))
+        reference = self.invert_reference(ref_image, timesteps, config)
+        output.reference_image = ref_image
+        output.reference_reconstruction = self.decode(reference.latents[-1], "pil")[0]
+        layout = None
+        if config.uses_layout_path:
+            layout = trajectory if config.layout_source == "replay" else self.invert_layout(trajectory, timesteps)
+        plan = build_plan(config, models.pipe.unet, swap_layout=config.uses_layout_path, swap_reference=True,
+                          blend=config.uses_mask_blending)
+        controller = AttentionController(plan, latent_size=latent_size, keep_map_history=save_intermediates)
+        masks = None
+        if config.uses_mask_blending:
+            sam = self.segment_layouts(layout_images, layout_recorder.run_map(LAYOUT), latent_size, config)
+            masks = MaskBuilder(sam, config, latent_size)
+            controller.blend_mask_fn = masks
+        with attention_control(models.unets(), controller):
+            result = retouch(models, config, controller, RetouchConditioning(cond.vanilla, cond.personalized,
+                                                                             cond.neutral),
+                             latents.clone(), timesteps, layout, reference, self.progress)
+        output.images = self.decode(result, output_type)
+        if masks is not None and masks.last:
+            for name in ("m_ca", "m_sam", "cleaned", "union", "final"):
+                output.masks[name] = np.stack([getattr(m, name) for m in masks.last])
+        if controller.history is not None:
+            for role in (REFERENCE, TARGET):
+                if controller.history.get(role):
+                    output.attention_maps[role] = torch.stack(controller.history[role]).numpy()
+        return output
+
+    # --- the pieces, each usable alone
+    def derive_prompts(self, prompt: str) -> SubjectPrompts:
+        if self.models.token is None:
+            return SubjectPrompts(prompt, prompt, prompt)
+        if not self.models.class_word:
+            raise LayoutRetouchError("a class word is needed with a personal token (e.g. --class-word dog)")
+        return derive_prompts(prompt, self.models.token, self.models.class_word)
+
+    def encode_prompts(self, prompts: SubjectPrompts) -> RetouchConditioning:
+        models = self.models
+        token = models.expand_prompt(models.token) if models.token else None
+        subject = [w for w in (token, models.class_word) if w]
+
+        def encode(text: str, personalized: bool) -> Conditioning:
+            _, text_encoder = models.select(personalized)
+            text = models.expand_prompt(text)
+            return Conditioning(encode_text(models.tokenizer, text_encoder, text),
+                                encode_text(models.tokenizer, text_encoder, ""),
+                                subject_token_indices(models.tokenizer, text, subject))
+
+        return RetouchConditioning(vanilla=encode(prompts.vanilla, False),
+                                   personalized=encode(prompts.personalized, True),
+                                   neutral=encode(prompts.neutral, True))
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        if output_type == "latent":
+            return latents
+        vae = self.models.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        if output_type == "np":
+            return array
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+    def invert_reference(self, image: Image.Image, timesteps: torch.Tensor,
+                         config: LayoutRetouchConfig) -> InversionTrajectory:
+        """DDIM-invert the reference on the personalized model, through the on-disk cache."""
+        models = self.models
+        unet, text_encoder = models.select(True)
+        cache = InversionCache(config.inversion_cache_dir)
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(unet) + model_fingerprint(models.vae)
+        key = cache.key(self._fingerprint, image, timesteps, config.inversion_prompt, models.scheduler.config)
+        cached = cache.load(key, self.execution_device, self.dtype)
+        if cached is not None:
+            return cached
+        latent = encode_image(models.vae, image).to(self.dtype)
+        embedding = encode_text(models.tokenizer, text_encoder, config.inversion_prompt)
+        trajectory = ddim_invert(unet, models.scheduler, latent, timesteps, embedding, self.progress)
+        cache.save(key, trajectory)
+        return trajectory
+
+    def invert_layout(self, trajectory: LayoutTrajectory, timesteps: torch.Tensor) -> LayoutTrajectory:
+        """The paper's possible alternative to replay: DDIM-invert the decoded layout image."""
+        unet, text_encoder = self.models.select(True)
+        embedding = encode_text(self.models.tokenizer, text_encoder, "")
+        images = self.decode(trajectory.latents[-1], "pil")
+        latent = torch.cat([encode_image(self.models.vae, im) for im in images]).to(self.dtype)
+        inverted = ddim_invert(unet, self.models.scheduler, latent, timesteps,
+                               embedding.expand(len(images), -1, -1), self.progress)
+        return LayoutTrajectory(inverted.latents, timesteps, trajectory.vanilla_steps)
+
+    def segment_layouts(self, images: list[Image.Image], subject_maps: torch.Tensor | None,
+                        latent_size: tuple[int, int], config: LayoutRetouchConfig) -> np.ndarray:
+        """M_sam per layout image, prompted with the box and peak of its subject cross-attention."""
+        if config.segmenter not in self._segmenters:
+            model_id = config.sam_model if config.segmenter == "sam" else None
+            self._segmenters[config.segmenter] = load_segmenter(config.segmenter, model_id, self.execution_device)
+        segmenter = self._segmenters[config.segmenter]
+        masks = []
+        for i, image in enumerate(images):
+            if subject_maps is None:
+                masks.append(np.zeros(latent_size, dtype=bool))
+                continue
+            attention = subject_maps[i].cpu().numpy()
+            (x0, y0, x1, y1), (px, py) = box_and_peak(attention, config.tau)
+            sx, sy = image.width / attention.shape[1], image.height / attention.shape[0]
+            mask = segmenter(image, (x0 * sx, y0 * sy, x1 * sx, y1 * sy), (px * sx, py * sy))
+            small = resize_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None], latent_size)[0]
+            masks.append((small > 0.5).numpy())
+        return np.stack(masks)
+
+
+def load_pipeline_from_args(args) -> LayoutRetouchPipeline:
+    """Build a pipeline from the CLI's model options (shared by every command that generates)."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = LayoutRetouchPipeline.from_pretrained(
+        args.base, personalized=args.personalized, personalization=args.personalization, token=args.token,
+        class_word=args.class_word, torch_dtype=dtype, allow_pickle=args.allow_pickle,
+        base_config=args.base_config,
+    )
+    if getattr(args, "offload", False):
+        pipe.enable_model_cpu_offload(args.device)
+    else:
+        pipe.to(args.device)
+    return pipe
+
+
+def resolve_path(path: str | None) -> str | None:
+    return str(Path(path).expanduser()) if path else None

@@ -1,0 +1,94 @@
+"""Shared denoising pieces: text conditioning, and one guided UNet evaluation of several paths.
+
+Both stages run "paths" (reference, layout, target) through the vanilla or the personalized model.
+Paths that use the same model at a step share one batched UNet call; paths that are sources of the
+attention control run before the target, so the target always finds what it borrows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from layout_retouch.attention_control import COND, TARGET, UNCOND, AttentionController, Segment, install_processors
+from layout_retouch.models import ModelPair
+
+
+@dataclass
+class Conditioning:
+    """A prompt encoded by one model's text encoder, with that model's unconditional embedding."""
+
+    cond: torch.Tensor  # (1, L, D)
+    uncond: torch.Tensor  # (1, L, D)
+    tokens: list[int]  # positions of the subject's tokens in the prompt
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, text: str) -> torch.Tensor:
+    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0].to(text_encoder.dtype)
+
+
+@dataclass
+class PathInput:
+    role: str
+    latents: torch.Tensor  # (n, C, h, w)
+    personalized: bool  # which model runs it
+    conditioning: Conditioning
+    wants_eps: bool = False  # replayed paths (reference, layout) only lend their attention
+
+
+@torch.no_grad()
+def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float,
+               controller: AttentionController | None = None) -> dict[str, torch.Tensor]:
+    """Classifier-free-guided noise for the paths that want it, one UNet call per model."""
+    groups: list[list[PathInput]] = []
+    for model in (False, True):
+        group = [p for p in paths if p.personalized is model]
+        if group:
+            groups.append(group)
+    groups.sort(key=lambda g: any(p.role == TARGET for p in g))  # sources first
+    result = {}
+    for group in groups:
+        unet, _ = pair.select(group[0].personalized)
+        latents = torch.cat([p.latents for p in group])
+        total = latents.shape[0]
+        segments, offset = [], 0
+        for p in group:
+            n = p.latents.shape[0]
+            segments += [Segment(p.role, UNCOND, offset, offset + n), Segment(p.role, COND, total + offset,
+                                                                               total + offset + n)]
+            offset += n
+        embeds = torch.cat([p.conditioning.uncond.expand(p.latents.shape[0], -1, -1) for p in group]
+                           + [p.conditioning.cond.expand(p.latents.shape[0], -1, -1) for p in group])
+        if controller is not None:
+            controller.subject_tokens.update({p.role: p.conditioning.tokens for p in group})
+            controller.begin_call(segments)
+        noise = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds).sample
+        for p, uncond_seg, cond_seg in zip(group, segments[0::2], segments[1::2], strict=True):
+            if p.wants_eps:
+                u, c = noise[uncond_seg.start:uncond_seg.stop], noise[cond_seg.start:cond_seg.stop]
+                result[p.role] = u + guidance_scale * (c - u)
+    if controller is not None:
+        controller.begin_call([])
+    return result
+
+
+@contextmanager
+def attention_control(unets, controller: AttentionController | None) -> Iterator[None]:
+    """Install the method's processors for the duration of a run, then restore the user's."""
+    if controller is None:
+        yield
+        return
+    unique = list({id(u): u for u in unets}.values())
+    saved = [dict(u.attn_processors) for u in unique]
+    install_processors(unique, controller)
+    try:
+        yield
+    finally:
+        for unet, processors in zip(unique, saved, strict=True):
+            unet.set_attn_processor(processors)

@@ -1,0 +1,59 @@
+"""Stage 1: step-blended denoising. The vanilla model sets the layout, the personalized one takes over.
+
+For the first `T_l` steps the vanilla model denoises P_v (no personal token): the coarse layout
+comes from the base model's diversity. From step `T_l` on the personalized model denoises P_p.
+The whole latent trajectory is kept: Stage 2 replays it as the layout path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from layout_retouch.attention_control import LAYOUT, AttentionController
+from layout_retouch.models import ModelPair
+from layout_retouch.sampling import Conditioning, PathInput, guided_eps
+
+
+@dataclass
+class LayoutTrajectory:
+    latents: list[torch.Tensor]  # latents[k] is the input of step k; latents[-1] is the clean z_0
+    timesteps: torch.Tensor
+    vanilla_steps: int  # T_l
+
+
+def layout_conditioning(step: int, vanilla_steps: int, vanilla: Conditioning,
+                        personalized: Conditioning) -> tuple[bool, Conditioning]:
+    """The model (personalized or not) and prompt that denoise step `step` of the layout."""
+    return (False, vanilla) if step < vanilla_steps else (True, personalized)
+
+
+@torch.no_grad()
+def step_blended_denoise(
+    pair: ModelPair,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    vanilla_steps: int,
+    vanilla: Conditioning,
+    personalized: Conditioning,
+    guidance_scale: float,
+    eta: float = 0.0,
+    controller: AttentionController | None = None,
+    progress: bool = True,
+) -> LayoutTrajectory:
+    """DDIM with CFG; steps k < vanilla_steps on the vanilla model and P_v, the rest personalized and P_p."""
+    scheduler = pair.scheduler
+    trajectory = [latents]
+    for k, t in enumerate(tqdm(timesteps, desc="stage 1 layout", disable=not progress, leave=False)):
+        if controller is not None:
+            controller.begin_step(k)
+        model, cond = layout_conditioning(k, vanilla_steps, vanilla, personalized)
+        path = PathInput(LAYOUT, latents, model, cond, wants_eps=True)
+        eps = guided_eps(pair, [path], t, guidance_scale, controller)[LAYOUT]
+        latents = scheduler.step(eps, t, latents, eta=eta).prev_sample
+        trajectory.append(latents)
+    if controller is not None:
+        controller.finish_step()
+    return LayoutTrajectory(trajectory, timesteps, vanilla_steps)
