@@ -32,8 +32,18 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 def build_tiny_metric_models(root: Path) -> dict[str, str]:
     """Save tiny CLIP, DINO (ViT), OWLv2 and an image classifier under `root`; returns their paths."""
     from transformers import (
-        CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, Owlv2Config, Owlv2ForObjectDetection,
-        Owlv2ImageProcessor, Owlv2Processor, ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+        ViTModel,
     )
 
     root = Path(root)
@@ -50,7 +60,7 @@ def build_tiny_metric_models(root: Path) -> dict[str, str]:
     ViTImageProcessor(size=square).save_pretrained(paths["dino"])
     owl_cfg = Owlv2Config(text_config=_text_config(tok, 16), vision_config=VISION, projection_dim=32)
     Owlv2ForObjectDetection(owl_cfg).save_pretrained(paths["owl"])
-    Owlv2Processor(Owlv2ImageProcessor(size=square), tok).save_pretrained(paths["owl"])
+    Owlv2Processor(Owlv2ImageProcessor(size=square), tiny_tokenizer(16)).save_pretrained(paths["owl"])
     ViTForImageClassification(ViTConfig(**VISION, num_labels=10)).save_pretrained(paths["classifier"])
     ViTImageProcessor(size=square).save_pretrained(paths["classifier"])
     return paths

@@ -40,13 +40,18 @@ class SubjectCenterDetector:
         logits = out.logits[..., 0].float().cpu()  # (N, boxes), one text query
         best = logits.argmax(dim=1)
         boxes = out.pred_boxes.float().cpu()[torch.arange(len(images)), best]  # (cx, cy, w, h)
-        # OWLv2 pads each image to a square at the bottom/right; boxes are fractions of that square.
-        centers = []
-        for image, box in zip(images, boxes, strict=True):
-            side = max(image.size)
-            centers.append([float(box[0]) * side / image.width, float(box[1]) * side / image.height])
+        pairs = zip(images, boxes, strict=True)
+        centers = [padded_box_center(box[:2].tolist(), *image.size) for image, box in pairs]
         scores = torch.sigmoid(logits[torch.arange(len(images)), best]).numpy()
-        return np.clip(np.asarray(centers), 0.0, 1.0), scores
+        return np.asarray(centers), scores
+
+
+def padded_box_center(center: tuple[float, float], width: int, height: int) -> tuple[float, float]:
+    """OWLv2 pads each image to a square at the bottom/right and gives boxes as fractions of that
+    square: turn a box center into fractions of the image itself (clipped to the image)."""
+    side = max(width, height)
+    x, y = center[0] * side / width, center[1] * side / height
+    return min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)
 
 
 def center_spread(centers: np.ndarray) -> float:
