@@ -11,7 +11,10 @@ from pathlib import Path
 
 from layout_retouch.errors import PromptError
 
-PROMPT_PACKAGE = "layout_retouch.data.prompts"
+# The prompt lists are package data of `layout_retouch` (data/prompts/*.txt). Read through
+# importlib.resources from this regular sub-package's folder: the top package has no __init__.py,
+# and namespace packages under an editable install break `resources.files("layout_retouch")`.
+PROMPT_FOLDER = ("..", "data", "prompts")
 BUILTIN_SETS = ("normal_live", "normal_nonlive", "challenging_live", "challenging_nonlive")
 LIVE_DEPENDENT_SETS = ("normal", "challenging")
 
@@ -41,7 +44,8 @@ def prompt_set_label(name: str) -> str:
 def load_prompt_set(name: str, live: bool = False) -> list[str]:
     name = resolve_prompt_set(name, live)
     if name in BUILTIN_SETS:
-        text = resources.files(PROMPT_PACKAGE).joinpath(f"{name}.txt").read_text(encoding="utf-8")
+        resource = resources.files(__package__).joinpath(*PROMPT_FOLDER, f"{name}.txt")
+        text = resource.read_text(encoding="utf-8")
         return _read_templates(text, name)
     path = Path(name)
     if path.suffix and path.is_file():
