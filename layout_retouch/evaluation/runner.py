@@ -98,6 +98,8 @@ def run_evaluation(
     out_dir = Path(options.out_dir)
     settings = options.metrics
     signature = settings.signature() if settings else ""
+    if settings is not None:
+        MetricSuite(settings).check_available()
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)

@@ -23,6 +23,7 @@ from layout_retouch.metrics.inception_score import (
     load_class_probabilities,
 )
 from layout_retouch.metrics.layout_diversity import DEFAULT_DETECTOR_MODEL, SubjectCenterDetector
+from layout_retouch.metrics.loading import check_available
 from layout_retouch.metrics.preference import (
     DEFAULT_PICKSCORE_MODEL,
     DEFAULT_PICKSCORE_PROCESSOR,
@@ -97,6 +98,29 @@ class MetricSuite:
             elif name == "layout":
                 self._models[name] = SubjectCenterDetector(s.detector_model, s.device)
         return self._models[name]
+
+    def check_available(self) -> None:
+        """Raise the missing-weights error now, before any generation, without loading models."""
+        s = self.settings
+        wanted = {
+            "clip": [(s.clip_model, "CLIP model (CLIP-I, CLIP-T)", "--clip-model")],
+            "dino": [(s.dino_model, "DINO model", "--dino-model")],
+            "preference": [
+                (s.pickscore_model, "PickScore model", "--pickscore-model"),
+                (s.pickscore_processor, "PickScore processor", "--pickscore-processor"),
+            ]
+            if s.preference == "pickscore"
+            else [],
+            "inception": [(s.is_classifier, "Inception Score classifier", "--is-classifier")]
+            if "transformers" in s.inception_label
+            else [],
+            "layout": [(s.detector_model, "subject detector (layout diversity)", "--detector-model")],
+        }
+        for family in s.metrics:
+            for model_id, what, flag in wanted[family]:
+                check_available(model_id, what, flag)
+        if "preference" in s.metrics and s.preference == "imagereward":
+            self._model("preference")  # says at once that ImageReward cannot be used here
 
     def load_all(self) -> None:
         """Load every enabled model now, so that missing weights fail before any work."""

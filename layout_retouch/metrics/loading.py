@@ -25,15 +25,45 @@ def load_pretrained(loader: Any, model_id: str, what: str, flag: str, **kwargs: 
     try:
         return loader.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as err:
-        if os.path.isdir(model_id):
-            reason = f"the folder exists but could not be read as one: {str(err).splitlines()[0][:300]}"
-        elif os.path.exists(model_id):
-            reason = "it is a file; a folder saved with save_pretrained is needed"
-        else:
-            reason = "no such local folder, and the weights are not in the Hugging Face cache"
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-                reason += " (HF_HUB_OFFLINE is set, so the hub is not asked)"
-        raise ModelLoadError(
-            f"cannot load the {what} {model_id!r}: {reason}. Download it where the hub is reachable, "
-            f"or pass a local folder holding it (config, weights and processor files) with {flag}."
-        ) from None
+        raise _load_error(model_id, what, flag, err) from None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _load_error(model_id: str, what: str, flag: str, err: Exception | None) -> ModelLoadError:
+    if os.path.isdir(model_id):
+        detail = str(err).splitlines()[0][:300] if err else "no config.json"
+        reason = f"the folder exists but could not be read as one: {detail}"
+    elif os.path.exists(model_id):
+        reason = "it is a file; a folder saved with save_pretrained is needed"
+    else:
+        reason = "no such local folder, and the weights are not in the Hugging Face cache"
+        if _hub_offline():
+            reason += " (HF_HUB_OFFLINE is set, so the hub is not asked)"
+    return ModelLoadError(
+        f"cannot load the {what} {model_id!r}: {reason}. Download it where the hub is reachable, "
+        f"or pass a local folder holding it (config, weights and processor files) with {flag}."
+    )
+
+
+def check_available(model_id: str, what: str, flag: str) -> None:
+    """Fail early, without loading, when a model can be neither read locally nor downloaded:
+    a run should not generate for hours and then find its metric weights missing."""
+    if os.path.isdir(model_id):
+        if not os.path.isfile(os.path.join(model_id, "config.json")) and not os.path.isfile(
+            os.path.join(model_id, "preprocessor_config.json")
+        ):
+            raise _load_error(model_id, what, flag, None)
+        return
+    if os.path.exists(model_id):
+        raise _load_error(model_id, what, flag, None)
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_id, "config.json")
+        if not isinstance(cached, str):
+            cached = try_to_load_from_cache(model_id, "preprocessor_config.json")
+        if not isinstance(cached, str):
+            raise _load_error(model_id, what, flag, None)
