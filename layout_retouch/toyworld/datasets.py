@@ -1,0 +1,76 @@
+"""Seeded samplers of the toy world's training data, one per use.
+
+- `generic_sample`: what the vanilla text-to-image model learns from (solid colors only, never
+  the personal star or its near-misses).
+- `vae_sample`: generic scenes mixed with subjects of free hues and two-tone textures, so the VAE
+  can reconstruct looks the generic captions never name (the personal star among them).
+- `personal_sample` / `reference_sample`: the `sks star` anywhere, and as DreamBooth photos.
+- `near_miss_sample`: stars that look almost like the personal one, for the identity oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from layout_retouch.toyworld.render import NEAR_MISS, RenderResult, is_feasible, render
+from layout_retouch.toyworld.scene import (
+    PERSONAL_CLASS,
+    PERSONAL_TOKEN,
+    SceneSpec,
+    personal_spec,
+    random_spec,
+)
+
+VAE_FREE_LOOK_SHARE = 0.5  # share of VAE training images whose subject has a free hue or texture
+REFERENCE_RADIUS = (15.5, 18.0)  # DreamBooth photos: subject large ...
+REFERENCE_JITTER = 4.0  # ... and within this many pixels of the center
+
+
+def feasible_spec(rng: np.random.Generator, make=random_spec) -> SceneSpec:
+    """A random spec whose size, position and context fit in the frame together."""
+    while True:
+        spec = make(rng)
+        if is_feasible(spec):
+            return spec
+
+
+def generic_sample(seed: int) -> RenderResult:
+    rng = np.random.default_rng([seed, 11])
+    return render(feasible_spec(rng), seed)
+
+
+def vae_sample(seed: int) -> RenderResult:
+    rng = np.random.default_rng([seed, 12])
+    spec = feasible_spec(rng)
+    if rng.random() < VAE_FREE_LOOK_SHARE:
+        rgb = tuple(int(v) for v in rng.integers(0, 256, 3))
+        rgb2 = tuple(int(v) for v in rng.integers(0, 256, 3)) if rng.random() < 0.7 else None
+        spec = replace(spec, rgb=rgb, rgb2=rgb2, variant=int(rng.integers(0, 12)))
+    return render(spec, seed)
+
+
+def personal_sample(seed: int) -> RenderResult:
+    """The personal star in a random generic context (for the oracles; never for the vanilla model)."""
+    rng = np.random.default_rng([seed, 13])
+    return render(feasible_spec(rng, personal_spec), seed, subject_words=f"{PERSONAL_TOKEN} {PERSONAL_CLASS}")
+
+
+def near_miss_sample(seed: int) -> RenderResult:
+    rng = np.random.default_rng([seed, 14])
+    spec = feasible_spec(rng, personal_spec)
+    spec = replace(spec, pattern="near_miss", variant=int(rng.integers(len(NEAR_MISS))))
+    return render(spec, seed)
+
+
+def reference_sample(seed: int) -> RenderResult:
+    """A DreamBooth-style photo of `sks star`: large, near the center, plain studio background."""
+    rng = np.random.default_rng([seed, 15])
+    spec = SceneSpec(
+        obj=PERSONAL_CLASS, pattern="personal", scene="studio", size="large",
+        cx=32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER)),
+        cy=32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER)),
+        radius=float(rng.uniform(*REFERENCE_RADIUS)),
+    )
+    return render(spec, seed, subject_words=f"{PERSONAL_TOKEN} {PERSONAL_CLASS}")

@@ -1,0 +1,249 @@
+"""Train the toy world's vanilla text-to-image model from scratch, as a diffusers SD pipeline folder.
+
+Two stages, each seeded, checkpointed every few minutes and resumable (rerun the same command):
+
+  python -m layout_retouch.toyworld.train_vanilla --stage vae  --out DIR --seed 0
+  python -m layout_retouch.toyworld.train_vanilla --stage unet --out DIR --seed 0
+
+The VAE stage writes DIR/vae (and a check of the personal star's reconstruction); the UNet stage
+trains the UNet and the text encoder jointly on latents of that VAE and writes the whole
+`StableDiffusionPipeline` folder (fp16 weights, DDIM scheduler, no safety checker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from layout_retouch.toyworld.checkpoint import load_checkpoint, save_checkpoint
+from layout_retouch.toyworld.components import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    sample_scheduler,
+    train_scheduler,
+)
+from layout_retouch.toyworld.datasets import generic_sample, reference_sample, vae_sample
+from layout_retouch.toyworld.scene import caption
+from layout_retouch.toyworld.tokenizer import build_tokenizer
+
+
+@dataclass
+class VaeRecipe:
+    steps: int = 1500
+    batch: int = 16
+    lr: float = 1e-3
+    pool: int = 12000  # distinct renders the VAE sees
+    l1_weight: float = 0.5  # reconstruction loss = MSE + l1_weight * L1 + kl_weight * KL
+    kl_weight: float = 1e-6
+    decay_from: float = 0.7  # lr decays linearly to 0 over the last 30% of steps
+
+
+@dataclass
+class UnetRecipe:
+    steps: int = 1800
+    batch: int = 64
+    lr: float = 4e-4
+    pool: int = 30000  # distinct renders (latents precomputed once)
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
+    warmup: int = 100
+    decay_from: float = 0.8
+
+
+CHECKPOINT_EVERY_S = 180  # seconds between checkpoints
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC images -> float NCHW in [-1, 1], as SD's VAE expects."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def lr_factor(step: int, steps: int, decay_from: float, warmup: int = 0) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    start = int(steps * decay_from)
+    return 1.0 if step < start else max(0.0, (steps - step) / max(1, steps - start))
+
+
+# ---------------------------------------------------------------- VAE stage
+
+def train_vae(out: Path, work: Path, seed: int, recipe: VaeRecipe) -> None:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = build_vae()
+    opt = torch.optim.Adam(vae.parameters(), lr=recipe.lr)
+    ckpt = work / "vae_checkpoint.safetensors"
+    step = load_checkpoint(ckpt, {"vae": vae}, opt) if ckpt.exists() else 0
+    print(f"rendering {recipe.pool} VAE training images", flush=True)
+    pool = to_tensor([vae_sample(seed * 1_000_000 + i).image for i in range(recipe.pool)])
+    rng = np.random.default_rng([seed, step])  # resumed runs draw fresh, but seeded, batches
+    last_save = time.time()
+    bar = tqdm(range(step, recipe.steps), initial=step, total=recipe.steps, desc="vae")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, recipe.decay_from)
+        x = pool[rng.integers(0, len(pool), recipe.batch)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + recipe.l1_weight * F.l1_loss(recon, x) \
+            + recipe.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_save > CHECKPOINT_EVERY_S:
+            save_checkpoint(ckpt, {"vae": vae}, opt, step + 1)
+            last_save = time.time()
+    save_checkpoint(ckpt, {"vae": vae}, opt, recipe.steps)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pool[i:i + 256]).latent_dist.sample() for i in range(0, min(2048, len(pool)), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(out / "vae")
+    report = check_vae(vae)
+    (work / "vae_check.json").write_text(json.dumps(report, indent=2))
+    print("VAE check:", report, flush=True)
+
+
+@torch.no_grad()
+def check_vae(vae, n: int = 16) -> dict:
+    """Pixel RMSE (0-255) of reconstructions: generic scenes, and the personal star's own pixels."""
+    def rmse(samples, on_mask: bool) -> float:
+        x = to_tensor([s.image for s in samples])
+        r = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        err = ((r - x) * 127.5) ** 2
+        if on_mask:
+            m = torch.from_numpy(np.stack([s.mask for s in samples]))[:, None].expand_as(err)
+            return float(err[m].mean().sqrt())
+        return float(err.mean().sqrt())
+
+    generic = [generic_sample(10_000_000 + i) for i in range(n)]
+    refs = [reference_sample(10_000_000 + i) for i in range(n)]
+    return {"generic_rmse": rmse(generic, False), "personal_star_rmse_on_subject": rmse(refs, True),
+            "generic_subject_rmse": rmse(generic, True)}
+
+
+# ---------------------------------------------------------------- UNet + text encoder stage
+
+def encode_pool(vae, seed: int, n: int) -> tuple[torch.Tensor, list]:
+    """Latents (VAE posterior mean and std) of `n` generic renders, and their placed specs."""
+    specs, means, stds = [], [], []
+    chunk = 512
+    for start in tqdm(range(0, n, chunk), desc="encoding"):
+        samples = [generic_sample(seed * 1_000_000 + i) for i in range(start, min(n, start + chunk))]
+        specs += [s.spec for s in samples]
+        with torch.no_grad():
+            dist = vae.encode(to_tensor([s.image for s in samples])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds), specs
+
+
+def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe) -> None:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    tokenizer = build_tokenizer()
+    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
+    ema_unet, ema_text = build_unet(), build_text_encoder(tokenizer)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text_encoder.state_dict())
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    ckpt = work / "unet_checkpoint.safetensors"
+    step = load_checkpoint(ckpt, modules, opt) if ckpt.exists() else 0
+    means, stds, specs = encode_pool(vae, seed, recipe.pool)
+    scale = vae.config.scaling_factor
+    noise_sched = train_scheduler()
+    alphas = noise_sched.alphas_cumprod
+    rng = np.random.default_rng([seed, step])
+    gen = torch.Generator().manual_seed(seed * 7919 + step)
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params, strict=True))
+    last_save = time.time()
+    bar = tqdm(range(step, recipe.steps), initial=step, total=recipe.steps, desc="unet")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, recipe.decay_from, recipe.warmup)
+        idx = rng.integers(0, len(specs), recipe.batch)
+        texts = ["" if rng.random() < recipe.caption_dropout else caption(specs[i], rng) for i in idx]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (recipe.batch,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - recipe.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_save > CHECKPOINT_EVERY_S:
+            save_checkpoint(ckpt, modules, opt, step + 1)
+            last_save = time.time()
+    save_checkpoint(ckpt, modules, opt, recipe.steps)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=sample_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    save_pipeline(pipe, out)
+
+
+def save_pipeline(pipe, out: Path) -> None:
+    """Save with fp16 weights (halves the size; the toy models lose nothing visible) and reload check."""
+    pipe.unet.half()
+    pipe.text_encoder.half()
+    pipe.vae.half()
+    pipe.save_pretrained(out, safe_serialization=True)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.float()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["vae", "unet", "all"], default="all")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "vanilla")
+    parser.add_argument("--work", type=Path, default=Path("out/toyworld_vanilla_work"),
+                        help="checkpoints and logs (resumed from if present)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=VaeRecipe.steps)
+    parser.add_argument("--unet-steps", type=int, default=UnetRecipe.steps)
+    parser.add_argument("--pool", type=int, default=None, help="override the number of training renders")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if args.stage in ("vae", "all"):
+        recipe = VaeRecipe(steps=args.vae_steps)
+        if args.pool:
+            recipe.pool = args.pool
+        train_vae(args.out, args.work, args.seed, recipe)
+    if args.stage in ("unet", "all"):
+        recipe = UnetRecipe(steps=args.unet_steps)
+        if args.pool:
+            recipe.pool = args.pool
+        train_unet(args.out, args.work, args.seed, recipe)
+    print(f"stage {args.stage} done in {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
