@@ -71,10 +71,11 @@ class ModelPair:
         return self.pipe.maybe_convert_prompt(prompt, self.tokenizer)
 
     def to(self, device=None, dtype=None) -> ModelPair:
-        self.pipe.to(device=device, dtype=dtype)
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        self.pipe.to(**kwargs)
         for module in (self.personal_unet, self.personal_text_encoder):
             if module is not None:
-                module.to(device=device, dtype=dtype)
+                module.to(**kwargs)
         return self
 
 

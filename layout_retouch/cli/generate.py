@@ -1,0 +1,103 @@
+"""`layout-retouch generate`: prompts x seeds through the pipeline, each result saved with its parameters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from layout_retouch.cli.options import add_method_options, add_model_options, config_from_args
+from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.inversion import load_reference_image
+from layout_retouch.outputs import check_not_overwriting, mask_image, save_png, save_result, slug
+from layout_retouch.pipeline import load_pipeline_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images of the personal subject with Layout-and-Retouch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_options(p)
+    add_method_options(p)
+    g = p.add_argument_group("job")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt with the token (repeatable)")
+    g.add_argument("--prompt-file", help="a file with one prompt per line; {} stands for '<token> <class>'")
+    g.add_argument("--reference", help="reference photo of the subject (needed by methods III-V)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--seeds", default="42", help="comma-separated seeds (paper: 42)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt and seed, in one batch")
+    g.add_argument("--save-intermediates", action="store_true",
+                   help="also write layout, reference reconstruction, masks and attention maps")
+    g.add_argument("--skip-existing", action="store_true", help="resume: keep finished results")
+    g.add_argument("--overwrite", action="store_true", help="replace finished results")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise LayoutRetouchError(f"prompt file {path} does not exist")
+        subject = f"{args.token} {args.class_word}" if args.token else args.class_word or ""
+        prompts += [line.strip().replace("{}", subject) for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise LayoutRetouchError("no prompt: pass --prompt or --prompt-file")
+    return prompts
+
+
+def run(args) -> int:
+    prompts = read_prompts(args)
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError as err:
+        raise LayoutRetouchError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from err
+    config = config_from_args(args)
+    out = Path(args.out)
+    jobs = [(prompt, seed, [out / slug(prompt) / f"seed{seed}_{i}.png" for i in range(args.num_images)])
+            for prompt in prompts for seed in seeds]
+    todo = set(check_not_overwriting([p for _, _, paths in jobs for p in paths], args.overwrite,
+                                     args.skip_existing))
+    jobs = [job for job in jobs if any(p in todo for p in job[2])]
+    if not jobs:
+        print(f"nothing to do: every result is already in {out}")
+        return 0
+    if config.uses_reference:
+        if not args.reference:
+            raise LayoutRetouchError(f"method {config.method} needs --reference (a photo of the subject)")
+        load_reference_image(args.reference, (8, 8))  # fail before loading models if it is unusable
+    pipe = load_pipeline_from_args(args)
+    pipe.progress = not args.quiet
+    for prompt, seed, paths in tqdm(jobs, desc="generate", disable=args.quiet):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        result = pipe(prompt, reference_image=args.reference, config=config, num_images_per_prompt=len(paths),
+                      generator=generator, save_intermediates=args.save_intermediates)
+        base = {"prompt": prompt, "seed": seed, "prompts": vars(result.prompts), "config": result.config,
+                "models": pipe.models.sources, "reference": args.reference}
+        for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
+            save_result(image, path, {**base, "index": i})
+            if args.save_intermediates:
+                write_intermediates(result, i, path)
+    print(f"wrote {sum(len(p) for _, _, p in jobs)} image(s) to {out}")
+    return 0
+
+
+def write_intermediates(result, i: int, path: Path) -> None:
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    size = result.images[i].size
+    if result.layout_images:
+        save_png(result.layout_images[i], folder / "layout.png")
+    if result.reference_reconstruction is not None:
+        save_png(result.reference_reconstruction, folder / "reference_reconstruction.png")
+    for name, masks in result.masks.items():
+        save_png(mask_image(masks[i], size), folder / f"mask_{name}.png")
+    for role, maps in result.attention_maps.items():
+        if maps is None:
+            continue
+        for step, step_maps in enumerate(maps):
+            m = step_maps[min(i, len(step_maps) - 1)]
+            m = (m - m.min()) / max(float(m.max() - m.min()), 1e-8)
+            save_png(mask_image(m, size), folder / f"attention_{role}_step{step:03d}.png")
