@@ -1,7 +1,8 @@
 """`layout-retouch evaluate`: methods x concepts x prompts x seeds, generated then scored, resumable.
 
-Shard across processes or GPUs with `accelerate launch [--num_processes N] -m layout_retouch.cli
-evaluate ...`; rerunning the same command resumes.
+Shard across GPUs with `accelerate launch --num_processes N -m layout_retouch.cli evaluate ...`,
+across CPU processes with `torchrun --nproc_per_node N -m layout_retouch.cli evaluate ...`;
+rerunning the same command resumes.
 """
 
 from __future__ import annotations

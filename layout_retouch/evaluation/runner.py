@@ -3,7 +3,8 @@ then (main process) gather all records and write the report.
 
 Resuming needs no state file: an image exists or not (each is renamed into place whole), and a
 score record exists with the current metric settings or not. Work is split between processes
-with accelerate (`accelerate launch ...`); a single plain process is the one-process case.
+with accelerate: `accelerate launch --num_processes N` on GPUs, `torchrun --nproc_per_node N` on
+CPUs (gloo); a single plain process is the one-process case.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from layout_retouch.evaluation.storage import (
     save_record_atomic,
 )
 from layout_retouch.metrics.inception_score import DEFAULT_IS_SPLITS
+from layout_retouch.metrics.loading import process_state
 
 SIGNATURE_KEY = "metric_settings"
 
@@ -92,9 +94,7 @@ def run_evaluation(
     jobs: Sequence[Job], generator: ImageGenerator | None, options: RunOptions
 ) -> RunResult | None:
     """Run `jobs`; returns the result on the main process, None on the others."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     out_dir = Path(options.out_dir)
     settings = options.metrics
     signature = settings.signature() if settings else ""

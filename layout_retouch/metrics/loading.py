@@ -8,12 +8,19 @@ from typing import Any
 from layout_retouch.errors import ModelLoadError
 
 
+def process_state():
+    """accelerate's per-process state. Without a GPU it must be told `cpu=True`, or processes
+    started by torchrun / `accelerate launch` would each believe they are alone."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def resolve_device(device: str | None) -> str:
     """`None`/`"auto"`: the process's accelerate device (a GPU where one is assigned), else as given."""
     if device in (None, "auto"):
-        from accelerate import PartialState
-
-        return str(PartialState().device)
+        return str(process_state().device)
     return device
 
 
@@ -59,11 +66,19 @@ def check_available(model_id: str, what: str, flag: str) -> None:
         return
     if os.path.exists(model_id):
         raise _load_error(model_id, what, flag, None)
-    if _hub_offline():
-        from huggingface_hub import try_to_load_from_cache
+    if os.path.isabs(model_id) or model_id.startswith(".") or model_id.count("/") > 1:
+        raise _load_error(model_id, what, flag, None)  # a path that does not exist, not a hub id
+    if _hub_offline() and not _in_hub_cache(model_id):
+        raise _load_error(model_id, what, flag, None)
 
-        cached = try_to_load_from_cache(model_id, "config.json")
-        if not isinstance(cached, str):
-            cached = try_to_load_from_cache(model_id, "preprocessor_config.json")
-        if not isinstance(cached, str):
-            raise _load_error(model_id, what, flag, None)
+
+def _in_hub_cache(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "preprocessor_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(model_id, name), str):
+                return True
+        except ValueError:  # not a valid repo id
+            return False
+    return False
