@@ -212,9 +212,8 @@ def shape_coverage(obj: str, cx: float, cy: float, r: float) -> np.ndarray:
         return _coverage(lambda d, s: d.rectangle([(cx - h) * s, (cy - h) * s, (cx + h) * s, (cy + h) * s],
                                                    fill=255))
     if obj == "cone":
-        return _coverage(lambda d, s: d.polygon(
-            [(cx * s, (cy - r) * s), ((cx + 0.85 * r) * s, (cy + r) * s), ((cx - 0.85 * r) * s, (cy + r) * s)],
-            fill=255))
+        corners = [(cx, cy - r), (cx + 0.85 * r, cy + r), (cx - 0.85 * r, cy + r)]
+        return _coverage(lambda d, s: d.polygon([(x * s, y * s) for x, y in corners], fill=255))
     if obj == "star":
         return _coverage(lambda d, s: d.polygon(_star_points(cx, cy, r, s), fill=255))
     if obj == "ring":
@@ -273,8 +272,10 @@ def _hat_coverage(spec: SceneSpec) -> np.ndarray:
     h = HAT_HEIGHT * r
 
     def draw(d, s):
-        d.rectangle([(cx - 0.6 * r) * s, (top - 0.18 * h) * s, (cx + 0.6 * r) * s, (top + 0.05 * h) * s], fill=255)
-        d.rectangle([(cx - 0.35 * r) * s, (top - h) * s, (cx + 0.35 * r) * s, (top - 0.1 * h) * s], fill=255)
+        brim = (cx - 0.6 * r, top - 0.18 * h, cx + 0.6 * r, top + 0.05 * h)
+        crown = (cx - 0.35 * r, top - h, cx + 0.35 * r, top - 0.1 * h)
+        for rect in (brim, crown):
+            d.rectangle([v * s for v in rect], fill=255)
     return _coverage(draw)
 
 

@@ -52,7 +52,7 @@ def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
         split = [(w, tok.tokenize(w)) for w in words if len(tok.tokenize(w)) != 1]
         if not split:
             return tok
-        for word, pieces in split:
+        for _word, pieces in split:
             head = pieces[0]
             for piece in pieces[1:]:
                 if (head, piece) not in merges:

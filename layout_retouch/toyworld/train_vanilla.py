@@ -39,7 +39,7 @@ from layout_retouch.toyworld.tokenizer import build_tokenizer
 
 @dataclass
 class VaeRecipe:
-    steps: int = 1500
+    steps: int = 1100
     batch: int = 16
     lr: float = 1e-3
     pool: int = 12000  # distinct renders the VAE sees
@@ -50,7 +50,7 @@ class VaeRecipe:
 
 @dataclass
 class UnetRecipe:
-    steps: int = 1800
+    steps: int = 1500
     batch: int = 64
     lr: float = 4e-4
     pool: int = 30000  # distinct renders (latents precomputed once)
@@ -107,7 +107,8 @@ def train_vae(out: Path, work: Path, seed: int, recipe: VaeRecipe) -> None:
     save_checkpoint(ckpt, {"vae": vae}, opt, recipe.steps)
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pool[i:i + 256]).latent_dist.sample() for i in range(0, min(2048, len(pool)), 256)])
+        latents = torch.cat([vae.encode(pool[i:i + 256]).latent_dist.sample()
+                             for i in range(0, min(2048, len(pool)), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(out / "vae")
     report = check_vae(vae)
@@ -140,7 +141,8 @@ def encode_pool(vae, seed: int, n: int) -> tuple[torch.Tensor, list]:
     specs, means, stds = [], [], []
     chunk = 512
     for start in tqdm(range(0, n, chunk), desc="encoding"):
-        samples = [generic_sample(seed * 1_000_000 + i) for i in range(start, min(n, start + chunk))]
+        samples = [generic_sample(seed * 1_000_000 + i, split="train")
+                   for i in range(start, min(n, start + chunk))]
         specs += [s.spec for s in samples]
         with torch.no_grad():
             dist = vae.encode(to_tensor([s.image for s in samples])).latent_dist
@@ -217,7 +219,8 @@ def save_pipeline(pipe, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["vae", "unet", "all"], default="all")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "vanilla")
     parser.add_argument("--work", type=Path, default=Path("out/toyworld_vanilla_work"),
