@@ -1,0 +1,57 @@
+"""DreamBooth: fine-tune the whole UNet (and optionally the text encoder) on the subject photos."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from layout_retouch.errors import PromptError
+from layout_retouch.personalize.common import PersonalizationMethod, save_dtype
+
+
+class DreamBooth(PersonalizationMethod):
+    """Output: a diffusers pipeline folder (safetensors), loadable with `from_pretrained`."""
+
+    name = "dreambooth"
+
+    def setup(self) -> dict[str, torch.nn.Parameter]:
+        check_token_known(self.pipe.tokenizer, self.config.token)
+        self.freeze_all()
+        self.trains_text_encoder = self.config.train_text_encoder
+        trained = {"unet": self.pipe.unet}
+        if self.trains_text_encoder:
+            trained["text_encoder"] = self.pipe.text_encoder
+        params = {}
+        for prefix, module in trained.items():
+            module.requires_grad_(True)
+            module.train()
+            params.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
+        return params
+
+    def save(self, output: Path) -> None:
+        dtype = save_dtype(self.config)
+        if dtype != torch.float32:
+            self.pipe.to(dtype=dtype)
+        self.pipe.save_pretrained(output, safe_serialization=True)
+        if self.config.omit_unchanged:
+            # model_index.json still names these; load with from_pretrained(output, vae=base.vae, ...).
+            for name in self.omitted_components():
+                shutil.rmtree(output / name, ignore_errors=True)
+
+    def omitted_components(self) -> list[str]:
+        if not self.config.omit_unchanged:
+            return []
+        return ["vae"] + ([] if self.trains_text_encoder else ["text_encoder"])
+
+
+def check_token_known(tokenizer, token: str) -> None:
+    """DreamBooth binds the subject to an existing rare word; an unknown one would be the UNK token."""
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    unk = tokenizer.unk_token_id
+    if not ids or (unk is not None and unk in ids and tokenizer.unk_token != tokenizer.eos_token):
+        raise PromptError(
+            f"the tokenizer does not know {token!r} (it becomes the unknown token); pick a rare word it "
+            "knows (sks is the usual one) or use --method textual_inversion to learn a new token"
+        )
