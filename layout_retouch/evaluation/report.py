@@ -52,12 +52,13 @@ def _fmt(value: float) -> str:
 
 def metric_headers(inception_label: str, preference: str) -> dict[str, str]:
     pref = {"pickscore": "PickScore", "imagereward": "ImageReward"}.get(preference, preference)
+    is_model = "Inception-v3" if "torch-fidelity" in inception_label else "stand-in classifier"
     return {
         "clip_i": "CLIP-I ↑",
         "dino": "DINO ↑",
         "clip_t": "CLIP-T ↑",
         "preference": f"{pref} ↑",
-        "inception_score": f"IS [{inception_label}] ↑",
+        "inception_score": f"IS ({is_model}) ↑",
         "center_spread": "center spread ↑",
     }
 

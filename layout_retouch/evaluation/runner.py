@@ -170,6 +170,9 @@ def _gather_and_report(jobs: Sequence[Job], options: RunOptions, generated: int,
         if options.umap and "clip_embedding" in arrays:
             embeddings[(job.prompt_set, job.method)].append(arrays["clip_embedding"])
     tables = aggregate(results, options.is_splits)
+    for name in ("prompts", "concepts", "methods"):  # the IS backend travels with every IS number
+        for row in tables[name]:
+            row["inception_backend"] = settings.inception_label if "inception" in settings.metrics else ""
     files = write_report(
         tables,
         out_dir,
