@@ -21,6 +21,7 @@ from layout_retouch.personalize import (
     PersonalizeConfig,
     personalize,
 )
+from layout_retouch.personalize.loading import detect_method, load_personalized_pipeline
 from layout_retouch.tiny_models import save_tiny_pipeline
 
 PROMPT = "a photo of sks star"
@@ -182,3 +183,16 @@ def test_errors_name_the_problem(base, photos, tmp_path, capsys):
             str(tmp_path / "o")]
     assert main(argv) == 2
     assert "no images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("dreambooth", dict(omit_unchanged=True)),
+    ("lora", {}),
+    ("textual_inversion", dict(token="<sks>", num_vectors=2)),
+])
+def test_load_personalized_pipeline_applies_each_output(base, photos, tmp_path, method, extra):
+    result = personalize(config(method, base, photos, tmp_path / method, max_steps=2, **extra))
+    assert detect_method(result.output) == method
+    pipe = load_personalized_pipeline(str(base), result.output)
+    prompt = "a photo of <sks> star" if method == "textual_inversion" else PROMPT
+    assert np.abs(draw(pipe, prompt) - draw(load(base), prompt.replace("<sks>", "star"))).max() > 1e-3

@@ -10,8 +10,11 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from layout_retouch.errors import ModelLoadError
 
 
-def load_base_pipeline(base: str, device: str) -> StableDiffusionPipeline:
-    """A float32 StableDiffusionPipeline from a local folder or a hub id, on `device`."""
+def load_base_pipeline(base: str, device: str, **components) -> StableDiffusionPipeline:
+    """A float32 StableDiffusionPipeline from a local folder or a hub id, on `device`.
+
+    `components` (e.g. vae=...) are used instead of loading those from `base`.
+    """
     looks_local = base.startswith((".", "/", "~")) or Path(base).exists() or base.count("/") != 1
     if looks_local and not (Path(base).expanduser() / "model_index.json").is_file():
         raise ModelLoadError(
@@ -21,7 +24,7 @@ def load_base_pipeline(base: str, device: str) -> StableDiffusionPipeline:
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(Path(base).expanduser()) if looks_local else base,
-            dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+            dtype=torch.float32, safety_checker=None, requires_safety_checker=False, **components,
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the pipeline {base!r}: {err}") from err

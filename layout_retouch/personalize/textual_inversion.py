@@ -19,6 +19,11 @@ def vector_tokens(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
+def _is_one_known_word(tokenizer, text: str) -> bool:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 class TextualInversion(PersonalizationMethod):
     """Output: `learned_embeds.safetensors`, loadable with `pipe.load_textual_inversion(path, token=...)`."""
 
@@ -30,8 +35,7 @@ class TextualInversion(PersonalizationMethod):
         self.tokens = vector_tokens(self.config.token, self.config.num_vectors)
         vocab = tokenizer.get_vocab()
         # A token that is already one word of the vocabulary would shadow that word in every prompt.
-        known = [t for t in self.tokens
-                 if t in vocab or len(tokenizer(t, add_special_tokens=False).input_ids) == 1]
+        known = [t for t in self.tokens if t in vocab or _is_one_known_word(tokenizer, t)]
         if known:
             raise PromptError(
                 f"token {known[0]!r} is already in the tokenizer; Textual Inversion needs a new one, "
