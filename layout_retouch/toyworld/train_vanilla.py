@@ -57,7 +57,8 @@ class UnetRecipe:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
     warmup: int = 100
-    decay_from: float = 0.8
+    decay_from: float = 1.0  # constant lr after warm-up; the EMA does the averaging
+    min_snr_gamma: float = 5.0  # loss weight min(SNR, gamma) / SNR (Hang et al. 2023): faster convergence
 
 
 CHECKPOINT_EVERY_S = 180  # seconds between checkpoints
@@ -151,7 +152,9 @@ def encode_pool(vae, seed: int, n: int) -> tuple[torch.Tensor, list]:
     return torch.cat(means), torch.cat(stds), specs
 
 
-def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe) -> None:
+def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
+               max_minutes: float | None = None) -> None:
+    """Train until `recipe.steps`, or until `max_minutes` have passed (then save the step reached)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -173,7 +176,8 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe) -> None:
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 7919 + step)
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params, strict=True))
-    last_save = time.time()
+    last_save = started = time.time()
+    done = step
     bar = tqdm(range(step, recipe.steps), initial=step, total=recipe.steps, desc="unet")
     for step in bar:
         for group in opt.param_groups:
@@ -188,19 +192,27 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe) -> None:
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, noise)
+        snr = a / (1 - a)
+        weight = snr.clamp(max=recipe.min_snr_gamma) / snr
+        loss = (weight * (pred - noise) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))  # short runs: early weights fade fast
         with torch.no_grad():
             for e, p in ema_pairs:
-                e.lerp_(p, 1 - recipe.ema_decay)
+                e.lerp_(p, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
         if time.time() - last_save > CHECKPOINT_EVERY_S:
-            save_checkpoint(ckpt, modules, opt, step + 1)
+            save_checkpoint(ckpt, modules, opt, done)
             last_save = time.time()
-    save_checkpoint(ckpt, modules, opt, recipe.steps)
+        if max_minutes is not None and time.time() - started > 60 * max_minutes:
+            print(f"time budget reached at step {done}", flush=True)
+            break
+    save_checkpoint(ckpt, modules, opt, done)
+    (work / "unet_steps.txt").write_text(f"{done}\n")
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=sample_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -209,12 +221,13 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe) -> None:
 
 
 def save_pipeline(pipe, out: Path) -> None:
-    """Save with fp16 weights (halves the size; the toy models lose nothing visible) and reload check."""
+    """Save the UNet and VAE as fp16 (halves the size; diffusers loads them back as float32 unless
+    asked otherwise). The text encoder stays float32: transformers would load fp16 weights as fp16,
+    and a plain `from_pretrained(folder)` must give one dtype throughout."""
     pipe.unet.half()
-    pipe.text_encoder.half()
     pipe.vae.half()
     pipe.save_pretrained(out, safe_serialization=True)
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+    for module in (pipe.unet, pipe.vae):
         module.float()
 
 
@@ -230,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=UnetRecipe.steps)
     parser.add_argument("--pool", type=int, default=None, help="override the number of training renders")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop the UNet stage after this long (resume continues up to --unet-steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe = UnetRecipe(steps=args.unet_steps)
         if args.pool:
             recipe.pool = args.pool
-        train_unet(args.out, args.work, args.seed, recipe)
+        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes)
     print(f"stage {args.stage} done in {time.time() - start:.0f} s", flush=True)
 
 
