@@ -43,7 +43,7 @@ class LayoutRetouchConfig:
     # T_l, vanilla steps: paper uses 5 of 50 for normal prompts and an unstated larger value for
     # challenging ones [choice: expose; sweep 5/10/15]. An int is a step count, a float in [0, 1]
     # a fraction of num_inference_steps.
-    vanilla_steps: int | float = 5
+    vanilla_steps: int | float = 0.1  # = 5 of 50 steps (paper), as a fraction so other step counts scale
 
     # --- Stage 2: multi-source attention swap
     # S_ref: steps before it take the layout's self-attention map, steps from it on take the

@@ -10,6 +10,7 @@ was fine-tuned).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,12 @@ def load_base(base: str, torch_dtype, allow_pickle: bool, base_config: str | Non
 
 
 def _from_pretrained(cls, name: str, allow_pickle: bool, subfolder: str | None = None, **kwargs):
+    with warnings.catch_warnings():  # diffusers renames torch_dtype; older releases know only that name
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _from_pretrained_checked(cls, name, allow_pickle, subfolder, **kwargs)
+
+
+def _from_pretrained_checked(cls, name: str, allow_pickle: bool, subfolder: str | None, **kwargs):
     try:
         return cls.from_pretrained(name, subfolder=subfolder, use_safetensors=True, **kwargs) if subfolder \
             else cls.from_pretrained(name, use_safetensors=True, **kwargs)
@@ -247,8 +254,8 @@ def _add_embedding(pair: ModelPair, state: dict, file: Path) -> None:
     token = pair.token
     if token in state:
         embedding = state[token]
-    elif len(state) == 1 or "string_to_param" in state or "emb_params" in state:
-        embedding = state  # diffusers resolves the A1111 / single-tensor layouts itself
+    elif "string_to_param" in state or "emb_params" in state:
+        embedding = state  # the A1111 layouts name no token; diffusers reads them
     else:
         raise ModelLoadError(f"token {token!r} not found in the embedding {file} (it has {', '.join(state)})")
     if isinstance(embedding, torch.Tensor) and embedding.shape[-1] != pair.pipe.text_encoder.config.hidden_size:

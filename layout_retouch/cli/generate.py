@@ -13,6 +13,7 @@ from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import load_reference_image
 from layout_retouch.outputs import check_not_overwriting, mask_image, save_png, save_result, slug
 from layout_retouch.pipeline import load_pipeline_from_args
+from layout_retouch.prompts import derive_prompts
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +56,9 @@ def run(args) -> int:
     except ValueError as err:
         raise LayoutRetouchError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from err
     config = config_from_args(args)
+    if args.token:  # fail on a bad prompt before loading any model
+        for prompt in prompts:
+            derive_prompts(prompt, args.token, args.class_word or "")
     out = Path(args.out)
     jobs = [(prompt, seed, [out / slug(prompt) / f"seed{seed}_{i}.png" for i in range(args.num_images)])
             for prompt in prompts for seed in seeds]
