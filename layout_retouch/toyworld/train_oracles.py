@@ -48,7 +48,7 @@ class OracleRecipe:
 
 RECIPES = {
     "locator": OracleRecipe(steps=800),
-    "attributes": OracleRecipe(steps=800),
+    "attributes": OracleRecipe(steps=1600),
     "identity": OracleRecipe(steps=500),
 }
 BLUR_PROB, MAX_BLUR_SIGMA, MAX_NOISE = 0.5, 1.2, 0.04  # augmentation toward generated images
