@@ -111,6 +111,8 @@ def random_spec(rng: np.random.Generator, obj: str | None = None) -> SceneSpec:
 def personal_spec(rng: np.random.Generator, **overrides) -> SceneSpec:
     """The `sks star`: the one star with the personal two-tone pattern."""
     spec = replace(random_spec(rng, obj=PERSONAL_CLASS), pattern="personal", color="purple")
+    if spec.hat in ("purple", "yellow"):  # a hat in one of the subject's own tones would blend in
+        spec = replace(spec, hat="blue")
     return replace(spec, **overrides)
 
 
