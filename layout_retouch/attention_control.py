@@ -55,6 +55,7 @@ class AttentionController:
         self.latent_size = latent_size
         self.step = 0
         self.segments: list[Segment] = []
+        self.last_segments: list[Segment] = []
         self.store: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
         self.maps: dict[str, list[torch.Tensor]] = {}  # role -> this step's (n, h, w) subject maps
         self.previous_maps: dict[str, torch.Tensor] = {}
@@ -86,6 +87,8 @@ class AttentionController:
 
     def begin_call(self, segments: list[Segment]) -> None:
         self.segments = segments
+        if segments:
+            self.last_segments = segments
 
     # --- subject maps from cross-attention
     def wants_maps(self, layer: LayerInfo) -> bool:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from diffusers.models.attention_processor import Attention
 
 PLACES = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-_NAME = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])$")
+_NAME = re.compile(
+    r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])$"
+)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def _from_pretrained_checked(cls, name: str, allow_pickle: bool, subfolder: str 
     try:
         return cls.from_pretrained(name, subfolder=subfolder, use_safetensors=True, **kwargs) if subfolder \
             else cls.from_pretrained(name, use_safetensors=True, **kwargs)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         if not allow_pickle or "safetensors" not in str(err).lower():
             if "safetensors" in str(err).lower():
                 raise ModelLoadError(

@@ -11,7 +11,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from layout_retouch.attention_control import LAYOUT, REFERENCE, TARGET, AttentionController, ControlPlan, build_plan
+from layout_retouch.attention_control import (
+    LAYOUT,
+    REFERENCE,
+    TARGET,
+    AttentionController,
+    ControlPlan,
+    build_plan,
+)
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import (

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from layout_retouch.attention_control import COND, TARGET, UNCOND, AttentionController, Segment, install_processors
+from layout_retouch.attention_control import (
+    COND,
+    TARGET,
+    UNCOND,
+    AttentionController,
+    Segment,
+    install_processors,
+)
 from layout_retouch.models import ModelPair
 
 
