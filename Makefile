@@ -3,21 +3,23 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
+# The CPU wheel of torch that lies on this machine's disk. A GPU user passes the CUDA build instead,
+# e.g. `make setup TORCH="torch==2.13.0 --index-url <PyTorch's CUDA wheel index>"`.
+TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test lint
 
 $(BIN)/layout-retouch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU wheel of torch that lies on this machine's disk; GPU users: see README.
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/layout-retouch
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/layout-retouch demo --out $(OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/layout-retouch demo --out $(OUT) --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

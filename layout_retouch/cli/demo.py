@@ -1,0 +1,140 @@
+"""`layout-retouch demo`: the whole method on the embedded toy world, offline, in about a minute.
+
+It loads the toy world's models exactly as a user loads Stable Diffusion (pipeline folders, the
+segmenter interface), runs plain DreamBooth (I), the layout (II) and the full method (V) with the
+same seeds, and writes a labelled grid and the oracles' measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.outputs import atomic_write_bytes, save_png
+from layout_retouch.pipeline import LayoutRetouchPipeline
+
+TOY_MODELS = Path(__file__).resolve().parent.parent / "toyworld" / "models"
+TOKEN, CLASS_WORD = "sks", "star"
+PROMPTS = (  # context the DreamBooth model tends to lose (TOYWORLD.md): scenes, accessories, occluders
+    "a photo of a sks star at night",
+    "a photo of a sks star in the snow",
+    "a photo of a sks star wearing a red hat on the beach",
+    "a photo of a sks star behind a fence on the grass",
+)
+# The toy UNet has cross-attention at 1/2 and 1/4 of its 16x16 latent; 1/4 (4x4) is too coarse for a
+# mask, so the demo reads the 8x8 maps (ALGORITHM.md allows 1/2 for small UNets). Its segmenter is the
+# toy world's oracle, plugged in where SAM would be. Everything else is the paper's default.
+TOY_METHOD = dict(segmenter="toy", mask_attention_resolution=0.5)
+COLUMNS = ("reference", "plain DreamBooth (I)", "layout (II)", "Layout-and-Retouch (V)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the full method on the embedded toy world (no download, CPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--personalized", default="sks_star_dreambooth",
+                   help="toy personalized model under toyworld/models (or any path)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the grid shows the first)")
+    p.add_argument("--steps", type=int, default=LayoutRetouchConfig().num_inference_steps)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def find_toy_models(personalized: str) -> tuple[Path, Path, Path]:
+    base = TOY_MODELS / "vanilla"
+    tuned = Path(personalized) if Path(personalized).exists() else TOY_MODELS / personalized
+    reference = TOY_MODELS / "references" / "sks_star_00.png"
+    missing = [p for p in (base / "model_index.json", tuned, reference) if not p.exists()]
+    if missing:
+        raise LayoutRetouchError(
+            f"the toy world's models are missing ({', '.join(map(str, missing))}); reinstall the package "
+            "or see layout_retouch/toyworld/README.md for the commands that train them"
+        )
+    return base, tuned, reference
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if (out / "summary.json").exists() and not args.overwrite:
+        raise LayoutRetouchError(f"{out} already holds a demo; pass --overwrite or another --out")
+    base, tuned, reference = find_toy_models(args.personalized)
+    start = time.perf_counter()
+    pipe = LayoutRetouchPipeline.from_pretrained(str(base), personalized=str(tuned), token=TOKEN,
+                                                 class_word=CLASS_WORD, progress=False)
+    config = LayoutRetouchConfig(num_inference_steps=args.steps, inversion_cache_dir=str(out / "cache"),
+                                 **TOY_METHOD)
+    results: dict[str, list] = {"I": [], "II": [], "V": []}
+    rows = []
+    for prompt in tqdm(PROMPTS, desc="demo", disable=args.quiet):
+        generator = [torch.Generator().manual_seed(s) for s in range(args.seeds)]
+        plain = pipe(prompt, config=config.replace(method="I"), num_images_per_prompt=args.seeds,
+                     generator=generator)
+        generator = [torch.Generator().manual_seed(s) for s in range(args.seeds)]
+        full = pipe(prompt, reference_image=reference, config=config.replace(method="V"),
+                    num_images_per_prompt=args.seeds, generator=generator)
+        results["I"] += [(prompt, im) for im in plain.images]
+        results["II"] += [(prompt, im) for im in full.layout_images]
+        results["V"] += [(prompt, im) for im in full.images]
+        rows.append((prompt, [full.reference_image, plain.images[0], full.layout_images[0], full.images[0]]))
+    seconds = time.perf_counter() - start
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(grid(rows), out / "grid.png", {"prompts": PROMPTS, "config": config.to_dict()})
+    for method, items in results.items():
+        for i, (prompt, image) in enumerate(items):
+            (out / method).mkdir(exist_ok=True)
+            save_png(image, out / method / f"{i:03d}.png", {"prompt": prompt, "method": method})
+    summary = {
+        "models": pipe.models.sources, "reference": str(reference), "config": config.to_dict(),
+        "prompts": PROMPTS, "seeds_per_prompt": args.seeds, "seconds": round(seconds, 1),
+        "measures": measure(results),
+    }
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+    print(f"wrote {out / 'grid.png'} and {out / 'summary.json'} in {seconds:.0f} s")
+    for method, m in summary["measures"].items():
+        context = m["prompt_fidelity"].get("context", {}).get("rate", float("nan"))
+        print(f"  {method:>3}: identity {m['identity']:.2f}  context followed {context:.0%}  "
+              f"center spread per prompt {m['center_spread_per_prompt']:.1f} px")
+    return 0
+
+
+def measure(results: dict[str, list]) -> dict:
+    """The oracles' reading of each method's images; layout spread is across seeds, within a prompt."""
+    from layout_retouch.toyworld.measures import layout_diversity, score_images
+    from layout_retouch.toyworld.oracles import Oracles
+
+    oracles = Oracles.load()
+    measures = {}
+    for method, items in results.items():
+        scores = score_images([im for _, im in items], [p for p, _ in items], oracles)
+        spreads = []
+        for prompt in dict.fromkeys(p for p, _ in items):
+            readings = oracles.read([im for p, im in items if p == prompt])
+            spreads.append(layout_diversity([r.center for r in readings])["std"])
+        scores["center_spread_per_prompt"] = sum(spreads) / len(spreads)
+        measures[method] = scores
+    return measures
+
+
+def grid(rows: list[tuple[str, list[Image.Image]]], cell: int = 128, label: int = 18) -> Image.Image:
+    """Reference, plain, layout and retouched side by side, one prompt per row, with labels."""
+    width = cell * len(COLUMNS)
+    canvas = Image.new("RGB", (width, label + len(rows) * (cell + label)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(COLUMNS):
+        draw.text((j * cell + 4, 3), title, fill="black")
+    for i, (prompt, images) in enumerate(rows):
+        top = label + i * (cell + label)
+        draw.text((4, top + 3), prompt, fill="black")
+        for j, image in enumerate(images):
+            canvas.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (j * cell, top + label))
+    return canvas
