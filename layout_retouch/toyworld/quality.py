@@ -21,9 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from layout_retouch.toyworld.datasets import feasible_spec, is_held_out
+from layout_retouch.toyworld.datasets import (
+    feasible_spec,
+    is_held_out,
+    near_miss_sample,
+    personal_sample,
+    reference_sample,
+)
 from layout_retouch.toyworld.measures import prompt_fidelity
-from layout_retouch.toyworld.oracles import Oracles
+from layout_retouch.toyworld.oracles import Oracles, load_oracle, to_batch
 from layout_retouch.toyworld.render import is_feasible
 from layout_retouch.toyworld.scene import COLOR_NAMES, caption
 
@@ -65,6 +71,24 @@ def sample(model: str | Path, prompts: list[str], steps: int, guidance: float, s
     return images
 
 
+@torch.no_grad()
+def personal_star_through_vae(model: str | Path, n: int = 32, seed: int = 50_000) -> dict[str, dict[str, float]]:
+    """Identity probability of the personal star (and of near-misses) before and after a round trip
+    through the model's VAE: the subject must survive the VAE before anything is trained on top."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(model) / "vae", torch_dtype=torch.float32).eval()
+    scorer = load_oracle("identity")
+    out = {}
+    for name, make in (("references", reference_sample), ("personal_any_context", personal_sample),
+                       ("near_misses", near_miss_sample)):
+        x = to_batch([make(seed + i).image for i in range(n)])
+        recon = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+        prob = lambda batch: float(scorer(batch)["identity"].softmax(1)[:, 1].mean())
+        out[name] = {"identity_clean": prob(x), "identity_after_vae": prob(recon)}
+    return out
+
+
 def grid(images: list[Image.Image], cols: int = 8, scale: int = 2) -> Image.Image:
     w, h = images[0].size
     rows = (len(images) + cols - 1) // cols
@@ -96,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "model": str(args.model), "n": args.n, "ddim_steps": args.steps, "guidance": args.guidance,
         "seed": args.seed, "sampling_seconds": round(seconds, 1), "rates": fidelity,
+        "personal_star_through_vae": personal_star_through_vae(args.model),
         "bars": {k: {"bar": v, "rate": fidelity.get(k, {}).get("rate"),
                      "passed": fidelity.get(k, {}).get("rate", 0) >= v} for k, v in BARS.items()},
         "samples": [{"prompt": p, "scene": r.scene, "class": r.obj, "color": r.color, "hat": r.hat,

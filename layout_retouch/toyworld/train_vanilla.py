@@ -141,6 +141,8 @@ def encode_pool(vae, seed: int, n: int) -> tuple[torch.Tensor, list]:
     """Latents (VAE posterior mean and std) of `n` generic renders, and their placed specs."""
     specs, means, stds = [], [], []
     chunk = 512
+    if n == 0:
+        return torch.zeros(0), torch.zeros(0), []
     for start in tqdm(range(0, n, chunk), desc="encoding"):
         samples = [generic_sample(seed * 1_000_000 + i, split="train")
                    for i in range(start, min(n, start + chunk))]
@@ -169,7 +171,8 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     ckpt = work / "unet_checkpoint.safetensors"
     step = load_checkpoint(ckpt, modules, opt) if ckpt.exists() else 0
-    means, stds, specs = encode_pool(vae, seed, recipe.pool)
+    # A run resumed at its last step only exports the pipeline: no need to encode the data.
+    means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0)
     scale = vae.config.scaling_factor
     noise_sched = train_scheduler()
     alphas = noise_sched.alphas_cumprod
