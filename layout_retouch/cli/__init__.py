@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# transformers warns at import about optional image backends (torchvision) this project never uses;
+# keep its errors, drop that noise. A user's own setting wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from layout_retouch.errors import LayoutRetouchError
 
@@ -32,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars; our own bars show the work
     try:
         return int(args.func(args) or 0)
     except (LayoutRetouchError, FileNotFoundError) as err:
