@@ -137,12 +137,26 @@ def check_vae(vae, n: int = 16) -> dict:
 
 # ---------------------------------------------------------------- UNet + text encoder stage
 
-def encode_pool(vae, seed: int, n: int) -> tuple[torch.Tensor, list]:
-    """Latents (VAE posterior mean and std) of `n` generic renders, and their placed specs."""
-    specs, means, stds = [], [], []
-    chunk = 512
+def encode_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Latents (VAE posterior mean and std) of `n` generic renders, and their placed specs.
+
+    With `cache` (a folder), the latents are saved there and reused by a resumed run."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file, save_file
+
+    from layout_retouch.toyworld.scene import SceneSpec
+
     if n == 0:
         return torch.zeros(0), torch.zeros(0), []
+    if cache is not None:
+        stem = cache / f"latents_seed{seed}_n{n}"
+        if stem.with_suffix(".safetensors").exists():
+            t = load_file(str(stem.with_suffix(".safetensors")))
+            specs = [SceneSpec(**d) for d in json.loads(stem.with_suffix(".json").read_text())]
+            return t["mean"], t["std"], specs
+    specs, means, stds = [], [], []
+    chunk = 512
     for start in tqdm(range(0, n, chunk), desc="encoding"):
         samples = [generic_sample(seed * 1_000_000 + i, split="train")
                    for i in range(start, min(n, start + chunk))]
@@ -151,7 +165,11 @@ def encode_pool(vae, seed: int, n: int) -> tuple[torch.Tensor, list]:
             dist = vae.encode(to_tensor([s.image for s in samples])).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds), specs
+    mean, std = torch.cat(means), torch.cat(stds)
+    if cache is not None:
+        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(stem.with_suffix(".safetensors")))
+        stem.with_suffix(".json").write_text(json.dumps([asdict(s) for s in specs]))
+    return mean, std, specs
 
 
 def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
@@ -172,7 +190,7 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     ckpt = work / "unet_checkpoint.safetensors"
     step = load_checkpoint(ckpt, modules, opt) if ckpt.exists() else 0
     # A run resumed at its last step only exports the pipeline: no need to encode the data.
-    means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0)
+    means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0, cache=work)
     scale = vae.config.scaling_factor
     noise_sched = train_scheduler()
     alphas = noise_sched.alphas_cumprod
@@ -245,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=VaeRecipe.steps)
     parser.add_argument("--unet-steps", type=int, default=UnetRecipe.steps)
     parser.add_argument("--pool", type=int, default=None, help="override the number of training renders")
+    parser.add_argument("--unet-batch", type=int, default=UnetRecipe.batch)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet stage after this long (resume continues up to --unet-steps)")
@@ -259,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             recipe.pool = args.pool
         train_vae(args.out, args.work, args.seed, recipe)
     if args.stage in ("unet", "all"):
-        recipe = UnetRecipe(steps=args.unet_steps)
+        recipe = UnetRecipe(steps=args.unet_steps, batch=args.unet_batch)
         if args.pool:
             recipe.pool = args.pool
         train_unet(args.out, args.work, args.seed, recipe, args.max_minutes)
