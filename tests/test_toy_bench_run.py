@@ -1,0 +1,91 @@
+"""`toy-bench` end to end: --quick on the shipped toy models, and resuming / row reuse on tiny models."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from layout_retouch.cli import main
+from layout_retouch.cli.demo import TOY_MODELS
+from layout_retouch.toyworld import bench
+from layout_retouch.toyworld.bench import BenchSettings, generate, run_bench
+from layout_retouch.toyworld.bench_prompts import BenchPrompt
+from layout_retouch.toyworld.datasets import reference_sample
+
+ROWS = ["I", "II", "III", "IV", "V"]
+TOY_READY = (TOY_MODELS / "vanilla" / "model_index.json").exists() and (TOY_MODELS / "sks_star_dreambooth").is_dir()
+
+
+@pytest.mark.skipif(not TOY_READY, reason="the toy world's vanilla and DreamBooth models are not in the "
+                    "repository yet (see layout_retouch/toyworld/README.md)")
+def test_quick_run_writes_well_formed_results(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["toy-bench", "--quick", "--quiet", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["personalizations"]["found"]) == {"dreambooth"}
+    rows = results["results"]["dreambooth"]
+    assert list(rows) == ROWS
+    for summary in rows.values():
+        assert set(summary) == {"all", "normal", "challenging"}
+        assert summary["all"]["n_images"] == 4 and summary["normal"]["n_images"] == 2
+        for key in ("identity", "prompt_fidelity", "diversity"):
+            m = summary["all"][key]
+            assert m["ci_low"] <= m["mean"] + 1e-3 <= m["ci_high"] + 2e-3
+        assert 0 <= summary["all"]["identity"]["mean"] <= 1 and 0 <= summary["all"]["prompt_fidelity"]["mean"] <= 1
+    table = (out / "table.md").read_text()
+    assert all(f"| {row} |" in table for row in ROWS)
+    assert (out / "scatter_dreambooth.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "grids").iterdir()) == [f"dreambooth_{r}.png" for r in ROWS]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """The toy models' folder layout, filled with tiny random models (fast; their pictures are noise)."""
+    from tiny_world import make_base, make_dreambooth
+
+    root = tmp_path_factory.mktemp("toy_models")
+    make_base(root / "vanilla")
+    make_dreambooth(root / "sks_star_dreambooth")
+    (root / "references").mkdir()
+    reference_sample(0).pil().save(root / "references" / bench.REFERENCE_NAME)
+    return root
+
+
+def tiny_settings(models, out, methods=("I", "II", "V")):
+    return BenchSettings(out=out, prompts=[BenchPrompt("a photo of a {} on the beach")], seeds=(0, 1), steps=4,
+                         personalizations=("dreambooth", "lora"), methods=methods, models_dir=models,
+                         overrides={"ref_start_step": 1})
+
+
+def test_resume_skips_finished_units_and_reports_missing(tiny_models, tmp_path, monkeypatch):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    settings = tiny_settings(tiny_models, tmp_path)
+    first = run_bench(settings, log=lambda _: None)
+    assert list(first["personalizations"]["missing"]) == ["lora"]
+    assert list(first["results"]["dreambooth"]) == ["I", "II", "V"]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished unit was generated again")
+
+    monkeypatch.setattr(bench, "generate", no_generation)
+    second = run_bench(settings, log=lambda _: None)
+    assert second["results"] == first["results"]
+    # Other seeds make the units stale: they are generated again, not mixed with the old ones.
+    with pytest.raises(AssertionError, match="generated again"):
+        run_bench(BenchSettings(**{**vars(settings), "seeds": (0, 1, 2)}), log=lambda _: None)
+
+
+def test_row_two_from_full_method_equals_its_own_call(tiny_models, tmp_path):
+    settings = tiny_settings(tiny_models, tmp_path)
+    personalization = bench.find_personalizations(tiny_models, ("dreambooth",))[0][0]
+    pipe = bench.PipelineCache(settings).get(personalization)
+    text = settings.prompts[0].text(personalization.subject)
+    full = generate(pipe, "V", text, settings.seeds, settings.config("V"), settings.reference)
+    alone = generate(pipe, "II", text, settings.seeds, settings.config("II"), settings.reference)
+    for a, b in zip(full["II"], alone["II"], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(full["V"][0]), np.asarray(full["II"][0]))
+    # batching seeds gives each seed its own image, as one call per seed does
+    single = generate(pipe, "II", text, (1,), settings.config("II"), settings.reference)
+    assert np.array_equal(np.asarray(single["II"][0]), np.asarray(alone["II"][1]))
