@@ -14,7 +14,7 @@ from layout_retouch.toyworld.bench_stats import center_spread, image_record, sum
 from layout_retouch.toyworld.measures import layout_diversity
 from layout_retouch.toyworld.oracles import ORACLE_DIR, Oracles
 from layout_retouch.toyworld.render import render
-from layout_retouch.toyworld.scene import SceneSpec
+from layout_retouch.toyworld.scene import SceneSpec, parse_caption
 
 # The locator's held-out p95 center error is under 1 px (models/oracles/metrics.json); 2 px is the
 # same bar the oracle tests use on fresh renders.
@@ -29,9 +29,13 @@ def test_default_prompts_split_into_normal_and_challenging():
     kinds = {p.template: p.kind for p in prompts}
     assert set(kinds.values()) == {"normal", "challenging"}
     assert kinds["a photo of a {} on the beach"] == "normal"
-    assert kinds["a photo of a {} behind a fence on the beach"] == "challenging"
-    assert kinds["a photo of a small {} on the grass"] == "challenging"
-    assert [p for p in prompts if p.fixes_position] == [BenchPrompt("a photo of a {} on the left at night")]
+    assert kinds["a photo of a small {} wearing a red hat on the grass"] == "challenging"
+    fixed = [p.template for p in prompts if p.fixes_position]
+    assert fixed == ["a photo of a {} behind a fence on the left in the snow"]
+    # The challenging set asks for every kind of context request between its prompts.
+    asked = [parse_caption(p.scoring_text) for p in prompts if p.kind == "challenging"]
+    assert any(a.size for a in asked) and any(a.hat for a in asked) and any(a.fence for a in asked)
+    assert any(a.position for a in asked)
     assert len(default_prompts(quick=True)) == 2
     assert {p.kind for p in default_prompts(quick=True)} == {"normal", "challenging"}
 
@@ -146,3 +150,17 @@ def test_strip_round_trip(tmp_path):
 
     strip_image(images).save(tmp_path / "s.png")
     assert [c.getpixel((0, 0)) for c in strip_cells(tmp_path / "s.png", 3)] == [(0, 0, 0), (40, 0, 0), (80, 0, 0)]
+
+
+def test_step_indexed_settings_keep_their_share_of_the_trajectory(tmp_path):
+    from layout_retouch.toyworld.bench import BenchSettings, sweep_points
+
+    paper = BenchSettings(out=tmp_path, prompts=default_prompts(), seeds=(0,), steps=50).config("V")
+    short = BenchSettings(out=tmp_path, prompts=default_prompts(), seeds=(0,), steps=25).config("V")
+    assert (paper.ref_start_step, paper.num_vanilla_steps) == (4, 5)  # the paper's S_ref and T_l
+    assert (short.ref_start_step, short.mask_start, short.num_vanilla_steps) == (2, 2, 2)
+    points = sweep_points(BenchSettings(out=tmp_path, prompts=default_prompts(), seeds=(0,), steps=50))
+    assert sorted(p["changes"]["vanilla_steps"] for p in points.values() if "vanilla_steps" in p["swept"]) == \
+        [0, 5, 10, 15, 20]
+    # The default point is shared by the three sweeps, not run three times.
+    assert points["tl5_sref4_smask4"]["swept"] == ["vanilla_steps", "ref_start_step", "mask_start_step"]

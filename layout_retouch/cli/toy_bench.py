@@ -18,7 +18,13 @@ from layout_retouch.errors import LayoutRetouchError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from layout_retouch.toyworld.bench import DEFAULT_SEEDS, METHODS, PERSONALIZATION_FOLDERS, QUICK_STEPS
+    from layout_retouch.toyworld.bench import (
+        DEFAULT_SEEDS,
+        DEFAULT_STEPS,
+        METHODS,
+        PERSONALIZATION_FOLDERS,
+        QUICK_STEPS,
+    )
 
     p = sub.add_parser("toy-bench", help="ablation I-V and trade-off sweep on the embedded toy world",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true", help="run the T_l / S_ref / S_mask sweep (full method V)")
     p.add_argument("--prompts", help="file of prompt templates, one a line, subject phrase as {}")
     p.add_argument("--seeds", type=int, help=f"seeds per prompt (default {DEFAULT_SEEDS}; --quick: 2)")
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default {LayoutRetouchConfig().num_inference_steps}; "
-                   f"--quick: {QUICK_STEPS})")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS}, the paper's is "
+                   f"{LayoutRetouchConfig().num_inference_steps}; --quick: {QUICK_STEPS})")
     p.add_argument("--personalizations", nargs="+", choices=tuple(PERSONALIZATION_FOLDERS),
                    help="which toy personalizations (default: all; --quick: dreambooth)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="ablation rows to run")
@@ -42,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args):
     from layout_retouch.toyworld.bench import (
         DEFAULT_SEEDS,
+        DEFAULT_STEPS,
         PERSONALIZATION_FOLDERS,
         QUICK_SEEDS,
         QUICK_STEPS,
@@ -55,7 +62,7 @@ def settings_from_args(args):
         raise LayoutRetouchError("--steps must be at least 1")
     prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts(quick=args.quick)
     seeds = seeds_of(args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
-    steps = args.steps or (QUICK_STEPS if args.quick else LayoutRetouchConfig().num_inference_steps)
+    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     names = tuple(args.personalizations or (("dreambooth",) if args.quick else PERSONALIZATION_FOLDERS))
     return BenchSettings(out=Path(args.out), prompts=prompts, seeds=seeds, steps=steps, personalizations=names,
                          methods=tuple(m for m in ("I", "II", "III", "IV", "V") if m in args.methods),

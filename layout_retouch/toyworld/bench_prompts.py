@@ -19,18 +19,16 @@ SUBJECT = "{}"
 # whatever token a personalization uses in the prompt it generates from.
 SCORING_SUBJECT = f"{PERSONAL_TOKEN} {PERSONAL_CLASS}"
 
+# Two of each kind: the default run must fit 20 minutes on a 2-core CPU with 16 seeds, 3
+# personalizations and 5 rows (see bench.py); the two challenging prompts cover all four requests.
+# Hats avoid the subject's own tones (purple, yellow), which would blend into it.
 NORMAL = (
     "a photo of a {} on the beach",
-    "a photo of a {} in the snow",
     "a photo of a {} at night",
-    "a photo of a {} on the grass",
 )
-# Hats avoid the subject's own tones (purple, yellow), which would blend into it.
 CHALLENGING = (
-    "a photo of a {} wearing a red hat in the snow",
-    "a photo of a {} behind a fence on the beach",
-    "a photo of a small {} on the grass",
-    "a photo of a {} on the left at night",
+    "a photo of a small {} wearing a red hat on the grass",
+    "a photo of a {} behind a fence on the left in the snow",
 )
 # --quick: one of each kind.
 QUICK = (NORMAL[0], CHALLENGING[0])
