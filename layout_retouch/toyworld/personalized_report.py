@@ -36,7 +36,7 @@ NEUTRAL = "a photo of {subject}"  # issue 4's neutral prompt: `a photo of sks st
 CONTEXTS = ("at night", "in the snow", "wearing a red hat", "behind a fence")
 CONTEXT_PROMPT = "a photo of a {subject} {context}"
 NEUTRAL_SEEDS = 32  # issue 4: subject-center spread over 32 seeds
-CONTEXT_SEEDS = 16  # per context prompt
+CONTEXT_SEEDS = 8  # per context prompt (4 contexts: 32 images per model)
 IDENTITY_BAR = 0.8  # issue 4: DreamBooth identity on the neutral prompt
 
 
