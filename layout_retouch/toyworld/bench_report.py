@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from layout_retouch.outputs import atomic_write_bytes, save_png  # noqa: E402
-from layout_retouch.toyworld.bench_stats import summarize  # noqa: E402
+from layout_retouch.toyworld.bench_stats import MIN_SUBJECT_PIXELS, summarize  # noqa: E402
 from layout_retouch.toyworld.render import SIZE  # noqa: E402
 
 # Table 4's component columns: which parts each ablation row switches on.
@@ -52,7 +52,7 @@ def fmt(measure: dict | None, digits: int = 3) -> str:
 
 
 MEASURE_HEADER = ("Identity | Prompt fidelity (normal) | Prompt fidelity (challenging) | Prompt fidelity (all) | "
-                  "Diversity, px")
+                  "Diversity, px | Subject visible")
 
 
 def measure_cells(summary: dict) -> str:
@@ -62,7 +62,7 @@ def measure_cells(summary: dict) -> str:
 
     return (f"{fmt(get('all', 'identity'))} | {fmt(get('normal', 'prompt_fidelity'))} | "
             f"{fmt(get('challenging', 'prompt_fidelity'))} | {fmt(get('all', 'prompt_fidelity'))} | "
-            f"{fmt(get('all', 'diversity'), 1)}")
+            f"{fmt(get('all', 'diversity'), 1)} | {fmt(get('all', 'subject_visible'), 2)}")
 
 
 def table4(results: dict) -> str:
@@ -71,7 +71,7 @@ def table4(results: dict) -> str:
     for name, rows in results["results"].items():
         lines += [f"### {name}", "",
                   "| | " + " | ".join(COMPONENTS) + f" | {MEASURE_HEADER} |",
-                  "|---" * (len(COMPONENTS) + 6) + "|"]
+                  "|---" * (len(COMPONENTS) + 7) + "|"]
         for row, summary in rows.items():
             marks = " | ".join("✓" if on else "" for on in ROW_COMPONENTS[row])
             lines.append(f"| {row} | {marks} | {measure_cells(summary)} |")
@@ -152,7 +152,9 @@ def write_reports(settings, results: dict, all_units: dict[str, dict[str, dict[s
             "Each cell: mean [95% bootstrap interval over seeds]. Identity: the oracle's probability of the "
             "personal `sks star`. Prompt fidelity: share of the prompt's scene/size/accessory/occluder/position "
             "requests the image follows. Diversity: std of the subject center across seeds within a prompt "
-            "(pixels of the 64x64 image), averaged over prompts without a position phrase.", "",
+            "(pixels of the 64x64 image), averaged over prompts without a position phrase. Subject visible: share "
+            f"of images where the locator finds at least {MIN_SUBJECT_PIXELS} subject pixels (the oracles still "
+            "read a center and attributes from an empty scene, so read the other columns with this one).", "",
             table4(results), attribute_table(results)]
     missing = results["personalizations"]["missing"]
     if missing:
@@ -168,7 +170,7 @@ def write_sweep_report(settings, sweep: dict) -> None:
     lines = [f"# Trade-off sweep (paper Fig. 8): full method V, {sweep['personalization']}", "",
              f"{len(settings.prompts)} prompts x {len(settings.seeds)} seeds, {settings.steps} steps; "
              "mean [95% bootstrap interval over seeds].", "",
-             f"| T_l | S_ref | S_mask | {MEASURE_HEADER} |", "|---" * 8 + "|"]
+             f"| T_l | S_ref | S_mask | {MEASURE_HEADER} |", "|---" * 9 + "|"]
     for point in points.values():
         c = point["changes"]
         lines.append(f"| {c['vanilla_steps']} | {c['ref_start_step']} | {c['mask_start_step']} | "

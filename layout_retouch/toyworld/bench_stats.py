@@ -18,6 +18,9 @@ from layout_retouch.toyworld.scene import parse_caption
 # check is left out (it is part of the subject's identity), and a hat counts as one request: it is
 # followed when a hat is seen, whatever its color (its color is reported on its own).
 FIDELITY_KEYS = ("scene", "size", "accessory", "occluder", "position")
+# An image shows its subject when the locator sees at least this many subject pixels: the smallest
+# subject the renderer draws (a small star, radius 5.5 px) covers about 35, a fence hides up to half.
+MIN_SUBJECT_PIXELS = 10
 BOOTSTRAP_SAMPLES = 2000  # resamples of the seeds for each interval
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # fixed, so the same records always give the same intervals
@@ -31,6 +34,7 @@ def image_record(seed: int, reading: Reading, scoring_text: str) -> dict:
         "seed": int(seed),
         "center": [round(reading.center[0], 3), round(reading.center[1], 3)],
         "size": round(reading.size, 3),
+        "subject_pixels": int(reading.mask.sum()),
         "identity": round(reading.identity, 5),
         "checks": result,
         "fidelity": float(np.mean(asked)) if asked else None,
@@ -73,6 +77,8 @@ def summarize(groups: dict[str, list[dict]], position_free: set[str] | None = No
         "prompt_fidelity": _interval(np.nanmean(fidelity), np.nanmean(fidelity[:, resample], axis=(0, 2))),
         "identity": _interval(identity.mean(), identity[:, resample].mean(axis=(0, 2))),
     }
+    visible = np.array([[r["subject_pixels"] >= MIN_SUBJECT_PIXELS for r in groups[p]] for p in prompts], float)
+    out["subject_visible"] = _interval(visible.mean(), visible[:, resample].mean(axis=(0, 2)))
     if free and len(seeds) > 1:
         spread = center_spread(centers[free])  # (P,)
         boot = center_spread(centers[free][:, resample]).mean(axis=0)  # (P, B) -> (B,)
