@@ -12,6 +12,8 @@ from layout_retouch.toyworld import bench
 from layout_retouch.toyworld.bench import BenchSettings, generate, run_bench
 from layout_retouch.toyworld.bench_prompts import BenchPrompt
 from layout_retouch.toyworld.datasets import reference_sample
+from layout_retouch.toyworld.render import render
+from layout_retouch.toyworld.scene import SceneSpec
 
 ROWS = ["I", "II", "III", "IV", "V"]
 TOY_READY = (TOY_MODELS / "vanilla" / "model_index.json").exists() and (TOY_MODELS / "sks_star_dreambooth").is_dir()
@@ -89,3 +91,25 @@ def test_row_two_from_full_method_equals_its_own_call(tiny_models, tmp_path):
     # batching seeds gives each seed its own image, as one call per seed does
     single = generate(pipe, "II", text, (1,), settings.config("II"), settings.reference)
     assert np.array_equal(np.asarray(single["II"][0]), np.asarray(alone["II"][1]))
+
+
+def test_sweep_writes_table_and_plot_with_each_point_once(tiny_models, tmp_path, monkeypatch):
+    """The sweep's bookkeeping, with generation replaced by renders (the pipeline itself is tested above)."""
+    made = []
+
+    def fake_generate(pipe, method, text, seeds, config, reference):
+        made.append((config.num_vanilla_steps, config.ref_start_step, config.mask_start))
+        return {method: [render(SceneSpec(obj="star", pattern="personal", scene="beach"), seed=s).pil() for s in seeds]}
+
+    monkeypatch.setattr(bench, "generate", fake_generate)
+    monkeypatch.setattr(bench.PipelineCache, "get", lambda self, p: None)
+    settings = BenchSettings(out=tmp_path, prompts=[BenchPrompt("a photo of a {} on the beach")], seeds=(0, 1, 2),
+                             steps=50, personalizations=("dreambooth",), models_dir=tiny_models)
+    sweep = bench.run_sweep(settings, log=lambda _: None)
+    assert len(made) == len(set(made)) == len(sweep["points"]) == 11
+    assert (5, 4, 4) in made and (0, 4, 4) in made and (5, 10, 10) in made and (5, 4, 30) in made
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.count("\n| ") == 12  # header and one row per point
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    for point in sweep["points"].values():
+        assert point["summary"]["all"]["prompt_fidelity"]["mean"] == 1.0  # a beach render follows "on the beach"
