@@ -104,6 +104,15 @@ def find_personalizations(models_dir: Path, names) -> tuple[list[Personalization
     return found, missing
 
 
+def model_digests(folders: list[Path]) -> dict[str, str]:
+    """Short sha256 of every weights file under `folders`: which models a result was measured on."""
+    digests = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.safetensors")):
+            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return digests
+
+
 def check_models(settings: BenchSettings) -> None:
     needed = [settings.models_dir / "vanilla" / "model_index.json", settings.reference]
     absent = [str(p) for p in needed if not p.exists()]
@@ -260,8 +269,11 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         "benchmark": "toy-world ablation (paper Table 4, Fig. 1)",
         "settings": settings_dict(settings),
         "config": {m: configs[m].to_dict() for m in settings.methods},
-        "personalizations": {"found": {p.name: {"path": str(p.path), "token": p.token, "class_word": p.class_word}
-                                       for p in found}, "missing": missing},
+        "personalizations": {
+            "found": {p.name: {"path": str(p.path), "token": p.token, "class_word": p.class_word} for p in found},
+            "missing": missing,
+            "weights_sha256": model_digests([settings.models_dir / "vanilla", *(p.path for p in found)]),
+        },
         "results": {name: {row: summarize_units(units[row]) for row in settings.methods}
                     for name, units in all_units.items()},
         "seconds": {"wall_this_invocation": round(time.perf_counter() - start, 1),
