@@ -43,6 +43,19 @@ class ControlPlan:
     map_layers: set[str] = field(default_factory=set)
     ref_subject_only: bool = True
     ref_mask_threshold: float = 0.1
+    # Skip the plain attention of target rows whose output a swap replaces (same result, less work).
+    skip_replaced: bool = True
+
+    # When each rule is on, as functions of the step (the controller asks for its current step;
+    # the feature recorders ask ahead for the steps Stage 2 will run).
+    def early_at(self, step: int) -> bool:
+        return self.early_swap is not None and (self.ref_start is None or step < self.ref_start)
+
+    def reference_at(self, step: int, layer: str) -> bool:
+        return self.ref_start is not None and step >= self.ref_start and layer in self.ref_layers
+
+    def blend_at(self, step: int, layer: str) -> bool:
+        return self.mask_start is not None and step >= self.mask_start and layer in self.blend_layers
 
 
 class AttentionController:
@@ -65,6 +78,10 @@ class AttentionController:
         self.blend_mask_fn = None  # callable(controller) -> (n, H_lat, W_lat) mask, set by Stage 2
         self._blend_mask: torch.Tensor | None = None
         self._resized: dict[tuple, torch.Tensor] = {}
+        # Recorded sources (source_features.py): role -> SourceFeatures, read where the path did not run.
+        self.features: dict = {}
+        # Optional callable(controller, layer, role, half, q, k, v, out) seeing every source segment.
+        self.recorder = None
 
     # --- the loop tells the controller where it is
     def begin_step(self, step: int) -> None:
@@ -114,16 +131,31 @@ class AttentionController:
 
     # --- what the target does at a layer
     def early_swap_active(self) -> bool:
-        plan = self.plan
-        return plan.early_swap is not None and (plan.ref_start is None or self.step < plan.ref_start)
+        return self.plan.early_at(self.step)
 
     def reference_active(self, layer: LayerInfo) -> bool:
-        plan = self.plan
-        return plan.ref_start is not None and self.step >= plan.ref_start and layer.name in plan.ref_layers
+        return self.plan.reference_at(self.step, layer.name)
 
     def blend_active(self, layer: LayerInfo) -> bool:
-        plan = self.plan
-        return plan.mask_start is not None and self.step >= plan.mask_start and layer.name in plan.blend_layers
+        return self.plan.blend_at(self.step, layer.name)
+
+    def has_source(self, layer: LayerInfo, role: str, half: str) -> bool:
+        recorded = self.features.get(role)
+        return (layer.name, role, half) in self.store or (
+            recorded is not None and (self.step, layer.name, half) in recorded.entries)
+
+    def source(self, layer: LayerInfo, role: str, half: str, device) -> tuple[dict | None, bool]:
+        """A source's tensors at this layer and step: from this step's calls, else from its recording.
+
+        The flag says whether the keys are already restricted to the subject (recorded reference).
+        """
+        found = self.store.get((layer.name, role, half))
+        if found is not None:
+            return found, False
+        recorded = self.features.get(role)
+        if recorded is None:
+            return None, False
+        return recorded.get(self.step, layer.name, half, device), recorded.keys_restricted
 
     def reference_key_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
         """(1, 1, 1, h*w) boolean: which reference keys lie on the reference's subject."""
@@ -190,13 +222,13 @@ class LayoutRetouchAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         controller = self.controller
-        if self.layer.cross:
-            if controller.wants_maps(self.layer):
+        if not self.layer.cross and controller.segments and attention_mask is None:
+            out = self._control(query, key, value)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            if self.layer.cross and controller.wants_maps(self.layer):
                 self._record_maps(attn, query, key)
-        elif controller.segments and attention_mask is None:
-            out = self._control(query, key, value, out)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -218,39 +250,52 @@ class LayoutRetouchAttnProcessor:
             h, w = _layer_size(controller.latent_size, self.layer, subject.shape[-1])
             controller.add_maps(seg.role, subject.view(-1, h, w))
 
-    def _control(self, query, key, value, out):
+    def _control(self, query, key, value):
         controller, layer = self.controller, self.layer
         early = controller.early_swap_active()
         reference = controller.reference_active(layer)
         blend = controller.blend_active(layer)
-        store = controller.store
+        plan = controller.plan
+        # A target's own plain attention is needed only where no swap replaces it.
+        in_call = {(seg.role, seg.half) for seg in controller.segments if seg.role != TARGET}
+        skipped = []
+        for seg in controller.segments if plan.skip_replaced and (early or reference) else ():
+            role = LAYOUT if early else REFERENCE
+            if seg.role == TARGET and ((role, seg.half) in in_call or controller.has_source(layer, role, seg.half)):
+                skipped.append((seg.start, seg.stop))
+        out = _plain_attention(query, key, value, skipped)
         # Keep what a target in a later call of this step may need from the sources of this call.
         for seg in controller.segments:
             if seg.role == TARGET:
                 continue
             rows = slice(seg.start, seg.stop)
-            store[(layer.name, seg.role, seg.half)] = {"q": query[rows], "k": key[rows], "v": value[rows],
-                                                       "out": out[rows]}
+            q, k, v, o = query[rows], key[rows], value[rows], out[rows]
+            controller.store[(layer.name, seg.role, seg.half)] = {"q": q, "k": k, "v": v, "out": o}
+            if controller.recorder is not None:
+                controller.recorder(controller, layer, seg.role, seg.half, q, k, v, o)
         if not (early or reference or blend):
             return out
-        out = out.clone()
+        if not skipped:
+            out = out.clone()
         for seg in controller.segments:
             if seg.role != TARGET:
                 continue
+            layout, _ = controller.source(layer, LAYOUT, seg.half, query.device) if early or blend else (None, False)
+            ref, restricted = controller.source(layer, REFERENCE, seg.half, query.device) if reference \
+                else (None, False)
             rows = slice(seg.start, seg.stop)
             q_t, v_t, n = query[rows], value[rows], seg.stop - seg.start
-            layout = store.get((layer.name, LAYOUT, seg.half))
-            ref = store.get((layer.name, REFERENCE, seg.half))
             target_out = out[rows]
             if early and layout is not None:
-                if controller.plan.early_swap == "qkv":
+                if plan.early_swap == "qkv":
                     target_out = layout["out"]
                 else:  # the layout's attention map on the target's own values
                     target_out = F.scaled_dot_product_attention(layout["q"], layout["k"], v_t)
             elif reference and ref is not None:
                 k_r, v_r = (ref[x].expand(n, -1, -1, -1) for x in ("k", "v"))
-                side = _layer_size(controller.latent_size, layer, key.shape[2])
-                keep = controller.reference_key_mask(side)
+                keep = None
+                if not restricted:
+                    keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, key.shape[2]))
                 target_out = F.scaled_dot_product_attention(q_t, k_r, v_r, attn_mask=keep)
             if blend and layout is not None:
                 mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]))
@@ -259,6 +304,19 @@ class LayoutRetouchAttnProcessor:
                     target_out = mask * target_out + (1 - mask) * layout["out"]
             out[rows] = target_out
         return out
+
+
+def _plain_attention(query, key, value, skipped: list[tuple[int, int]]) -> torch.Tensor:
+    """SDPA over the batch, leaving the `skipped` row ranges uncomputed (their output is replaced)."""
+    if not skipped:
+        return F.scaled_dot_product_attention(query, key, value)
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    start = 0
+    for stop, after in [*sorted(skipped), (query.shape[0], query.shape[0])]:
+        if stop > start:
+            out[start:stop] = F.scaled_dot_product_attention(query[start:stop], key[start:stop], value[start:stop])
+        start = max(start, after)
+    return out
 
 
 def _layer_size(latent_size: tuple[int, int], layer: LayerInfo, length: int) -> tuple[int, int]:
@@ -295,4 +353,5 @@ def build_plan(config: LayoutRetouchConfig, unet, *, swap_layout: bool, swap_ref
         map_layers=select_map_layers(layers, config.mask_attention_resolution) if record_maps else set(),
         ref_subject_only=config.ref_subject_only,
         ref_mask_threshold=config.ref_mask_threshold,
+        skip_replaced=config.skip_replaced_attention,
     )

@@ -88,6 +88,23 @@ class LayoutRetouchConfig:
     inversion_prompt: str = ""
     inversion_cache_dir: str | None = None  # None: ~/.cache/layout_retouch/inversions
 
+    # --- performance (benchmarks/README.md). Each switch gives the same images as the straightforward
+    # implementation up to float rounding; switched off, Stage 2 recomputes its sources every step.
+    # Stage 1's UNet passes keep what the target borrows from the layout (early Q/K, blend-layer
+    # outputs, both CFG halves), so Stage 2 does not run the layout path again...
+    record_layout_features: bool = True
+    # ...when they fit in this many MiB (None: no limit); otherwise the layout path runs again.
+    layout_feature_budget_mb: float | None = 4096
+    # The reference path's K/V on its subject, per step and reference layer, computed once per concept
+    # (model weights, reference latents, prompt, schedule, size, layers) and reused for every prompt and seed...
+    cache_reference_features: bool = True
+    # ...when their upper-bound size fits in this many MiB (None: no limit); otherwise recomputed per call.
+    reference_feature_budget_mb: float | None = 4096
+    # Keep recorded features in host memory and copy each to the device when used (GPU memory for time).
+    feature_offload: bool = False
+    # Skip the target's own self-attention where a swap replaces it.
+    skip_replaced_attention: bool = True
+
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with outputs
 
     def __post_init__(self) -> None:

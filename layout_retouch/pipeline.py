@@ -33,8 +33,19 @@ from layout_retouch.layers import attention_layers, select_map_layers
 from layout_retouch.masks import box_and_peak, resize_mask
 from layout_retouch.models import ModelPair, load_model_pair
 from layout_retouch.prompts import SubjectPrompts, derive_prompts, subject_token_indices
-from layout_retouch.sampling import Conditioning, attention_control, encode_text
+from layout_retouch.sampling import Conditioning, PathInput, attention_control, encode_text, guided_eps
 from layout_retouch.segmenters import load_segmenter
+from layout_retouch.source_features import (
+    LayoutRecorder,
+    ReferenceFeatureCache,
+    ReferenceRecorder,
+    SourceFeatures,
+    fits,
+    layout_feature_bytes,
+    reference_feature_bytes,
+    tensor_digest,
+    weights_signature,
+)
 from layout_retouch.stage1_layout import LayoutTrajectory, step_blended_denoise
 from layout_retouch.stage2_retouch import MaskBuilder, RetouchConditioning, retouch
 
@@ -138,12 +149,19 @@ class LayoutRetouchPipeline:
             latents = latents * scheduler.init_noise_sigma
 
         # Stage 1: the layout (the result itself for ablations I and II).
+        plan = None
+        if config.uses_reference:
+            plan = build_plan(config, models.pipe.unet, swap_layout=config.uses_layout_path, swap_reference=True,
+                              blend=config.uses_mask_blending)
+        layout_features = self.layout_feature_recorder(config, plan, latent_size, n)
         layout_recorder = None
-        if config.uses_mask_blending or save_intermediates:
+        if config.uses_mask_blending or save_intermediates or layout_features is not None:
             layers = attention_layers(models.pipe.unet)
-            layout_recorder = AttentionController(
-                ControlPlan(map_layers=select_map_layers(layers, config.mask_attention_resolution)),
-                latent_size=latent_size, keep_map_history=save_intermediates)
+            map_layers = select_map_layers(layers, config.mask_attention_resolution) \
+                if config.uses_mask_blending or save_intermediates else set()
+            layout_recorder = AttentionController(ControlPlan(map_layers=map_layers), latent_size=latent_size,
+                                                  keep_map_history=save_intermediates)
+            layout_recorder.recorder = layout_features
         trajectory = None
         if config.method != "III":
             with attention_control(models.unets(), layout_recorder):
@@ -164,13 +182,17 @@ class LayoutRetouchPipeline:
         ref_image = load_reference_image(reference_image, (height, width))
         reference = self.invert_reference(ref_image, timesteps, config)
         output.reference_image = ref_image
-        output.reference_reconstruction = self.decode(reference.latents[-1], "pil")[0]
+        output.reference_reconstruction = self.reference_reconstruction(reference)
         layout = None
         if config.uses_layout_path:
             layout = trajectory if config.layout_source == "replay" else self.invert_layout(trajectory, timesteps)
-        plan = build_plan(config, models.pipe.unet, swap_layout=config.uses_layout_path, swap_reference=True,
-                          blend=config.uses_mask_blending)
         controller = AttentionController(plan, latent_size=latent_size, keep_map_history=save_intermediates)
+        if layout_features is not None:
+            controller.features[LAYOUT] = layout_features.features
+        reference_features = self.reference_features(config, plan, cond.neutral, reference, latent_size,
+                                                     save_intermediates)
+        if reference_features is not None:
+            controller.features[REFERENCE] = reference_features
         masks = None
         if config.uses_mask_blending:
             sam = self.segment_layouts(layout_images, layout_recorder.run_map(LAYOUT), latent_size, config)
@@ -185,10 +207,91 @@ class LayoutRetouchPipeline:
             for name in ("m_ca", "m_sam", "cleaned", "union", "final"):
                 output.masks[name] = np.stack([getattr(m, name) for m in masks.last])
         if controller.history is not None:
+            if reference_features is not None and reference_features.maps:
+                controller.history[REFERENCE] = reference_features.maps
             for role in (REFERENCE, TARGET):
                 if controller.history.get(role):
                     output.attention_maps[role] = torch.stack(controller.history[role]).numpy()
         return output
+
+    # --- recorded sources (source_features.py): the same images, less recomputation
+    def clear_feature_cache(self) -> None:
+        """Forget the cached reference features (they are also invalidated automatically)."""
+        self._reference_cache.clear()
+
+    @property
+    def _reference_cache(self) -> ReferenceFeatureCache:
+        if not hasattr(self, "_reference_feature_cache"):
+            self._reference_feature_cache = ReferenceFeatureCache()
+        return self._reference_feature_cache
+
+    def _feature_store_device(self, config: LayoutRetouchConfig) -> torch.device | None:
+        return torch.device("cpu") if config.feature_offload else None
+
+    def layout_feature_recorder(self, config: LayoutRetouchConfig, plan: ControlPlan | None,
+                                latent_size: tuple[int, int], images: int) -> LayoutRecorder | None:
+        """A recorder for Stage 1 when Stage 2 will replay its trajectory and the features fit the budget."""
+        if plan is None or not (config.uses_layout_path and config.record_layout_features
+                                and config.layout_source == "replay"):
+            return None
+        size = layout_feature_bytes(plan, self.models.pipe.unet, latent_size, config.num_inference_steps, images,
+                                    torch.empty((), dtype=self.dtype).element_size())
+        if not fits(size, config.layout_feature_budget_mb):
+            return None
+        return LayoutRecorder(plan, self._feature_store_device(config))
+
+    def reference_features(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
+                           reference: InversionTrajectory, latent_size: tuple[int, int],
+                           with_maps: bool = False) -> SourceFeatures | None:
+        """The reference path's K/V per step and layer, computed once per concept and cached in memory.
+
+        The key covers everything they depend on: the personalized UNet's weights, the reference's
+        inverted latents (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and
+        subject tokens, the plan's steps and layers, dtype, device and storage.
+        """
+        if not config.cache_reference_features or plan.ref_start is None:
+            return None
+        unet, _ = self.models.select(True)
+        steps = len(reference.latents) - 1
+        size = reference_feature_bytes(plan, unet, latent_size, steps, reference.latents[0].element_size())
+        if not fits(size, config.reference_feature_budget_mb):
+            return None
+        start = 0 if with_maps else max(0, plan.ref_start - 1)  # the step before S_ref lends its subject map
+        key = "|".join([
+            weights_signature(unet), tensor_digest(*reference.latents, neutral.cond, neutral.uncond),
+            str([int(t) for t in reference.timesteps]), str(neutral.tokens), str(latent_size), str(start),
+            str(sorted(plan.ref_layers)), str(sorted(plan.map_layers)), str(plan.ref_start),
+            str((plan.ref_subject_only, plan.ref_mask_threshold)), str(self.dtype), str(self.execution_device),
+            str(config.feature_offload),
+        ])
+        cache = self._reference_cache
+        found = cache.lookup(key)
+        if found is not None:
+            return found
+        recorder = ReferenceRecorder(plan, self._feature_store_device(config))
+        source_plan = ControlPlan(ref_start=plan.ref_start, ref_layers=plan.ref_layers, map_layers=plan.map_layers,
+                                  ref_subject_only=plan.ref_subject_only, ref_mask_threshold=plan.ref_mask_threshold)
+        controller = AttentionController(source_plan, latent_size=latent_size, keep_map_history=with_maps)
+        controller.recorder = recorder
+        timesteps = reference.timesteps
+        with attention_control(self.models.unets(), controller):
+            for k in range(start, steps):
+                controller.begin_step(k)
+                path = PathInput(REFERENCE, reference.latents[k], True, neutral)
+                guided_eps(self.models, [path], timesteps[k], config.guidance_scale, controller)
+            controller.finish_step()
+        if with_maps:
+            recorder.features.maps = controller.history.get(REFERENCE, [])
+        cache.keep(key, recorder.features)
+        return recorder.features
+
+    def reference_reconstruction(self, reference: InversionTrajectory) -> Image.Image:
+        """VAE decode of the reference's inverted clean latent, once per concept."""
+        cache = self._reference_cache
+        key = tensor_digest(reference.latents[-1]) + weights_signature(self.models.vae)
+        if cache.reconstruction_key != key:
+            cache.reconstruction, cache.reconstruction_key = self.decode(reference.latents[-1], "pil")[0], key
+        return cache.reconstruction.copy()
 
     # --- the pieces, each usable alone
     def derive_prompts(self, prompt: str) -> SubjectPrompts:

@@ -66,7 +66,8 @@ def retouch(
 ) -> torch.Tensor:
     """Denoise the target with the reference and layout paths beside it; return its clean latent.
 
-    Without a layout path (ablation III) the target itself follows Stage 1's model schedule.
+    Without a layout path (ablation III) the target itself follows Stage 1's model schedule. A source
+    whose tensors the controller already holds (`controller.features`, source_features.py) is not run.
     """
     scheduler = pair.scheduler
     vanilla_steps = config.num_vanilla_steps
@@ -74,11 +75,11 @@ def retouch(
     for k, t in enumerate(tqdm(timesteps, desc="stage 2 retouch", disable=not progress, leave=False)):
         controller.begin_step(k)
         paths = []
-        if reference is not None:
+        if reference is not None and REFERENCE not in controller.features:
             paths.append(PathInput(REFERENCE, reference.latents[k], True, conditioning.neutral))
         layout_model, layout_cond = layout_conditioning(k, vanilla_steps, conditioning.vanilla,
                                                         conditioning.personalized)
-        if layout is not None:
+        if layout is not None and LAYOUT not in controller.features:
             paths.append(PathInput(LAYOUT, layout.latents[k], layout_model, layout_cond))
         if layout is None or config.target_prompt == "layout":
             model, cond = layout_model, layout_cond

@@ -1,0 +1,207 @@
+"""The speed-ups give the straightforward implementation's images, and the reference cache knows when it is stale.
+
+Every optimization (source_features.py, attention_control.py) is a config switch; each one alone and all
+together are compared with all of them off, on tiny models, for the ablation rows and settings that touch
+different parts of the recorded features. No timings here: benchmarks/speed.py measures them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import layout_retouch.attention_control as attention_control
+from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.pipeline import LayoutRetouchPipeline
+
+STEPS = 6
+TINY = dict(num_inference_steps=STEPS, mask_attention_resolution=0.5, segmenter="none", ref_start_step=2)
+STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False)
+SWITCHES = {"record_layout": dict(record_layout_features=True), "cache_reference": dict(cache_reference_features=True),
+            "skip_replaced": dict(skip_replaced_attention=True),
+            "all": dict(record_layout_features=True, cache_reference_features=True, skip_replaced_attention=True),
+            "all_offloaded": dict(record_layout_features=True, cache_reference_features=True,
+                                  skip_replaced_attention=True, feature_offload=True)}
+PROMPT = "a sks dog in the snow"
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # float rounding of other batch shapes, no more
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), personalized=str(tiny_dir / "dreambooth"),
+                                                 token="sks", class_word="dog", progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_pipe(tiny_dir):
+    return LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), personalized=str(tiny_dir / "lora"),
+                                                 token="sks", class_word="dog", progress=False)
+
+
+class RowCounter:
+    """Batch rows through every UNet of a pipeline (a forward pre-hook), i.e. the paths that really ran."""
+
+    def __init__(self, pipe):
+        self.rows = 0
+        unets = {id(u): u for u in pipe.models.unets()}.values()
+        self.handles = [u.register_forward_pre_hook(self.count) for u in unets]
+
+    def count(self, module, args):
+        self.rows += args[0].shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def generate(pipe, cache_dir, prompt=PROMPT, reference=None, n=2, seed=5, intermediates=False, **config):
+    config = LayoutRetouchConfig(inversion_cache_dir=str(cache_dir), **{**TINY, **config})
+    reference = reference if reference is not None else pipe.reference_path
+    return pipe(prompt, reference_image=reference, config=config, num_images_per_prompt=n,
+                generator=torch.Generator().manual_seed(seed), output_type="latent",
+                save_intermediates=intermediates)
+
+
+@pytest.fixture(autouse=True)
+def fresh(pipe, lora_pipe, tiny_dir):
+    for p in (pipe, lora_pipe):
+        p.reference_path = tiny_dir / "reference.png"
+        p.clear_feature_cache()
+
+
+SETTINGS = {
+    "V": dict(method="V"),
+    "V_layout_on_vanilla_model_early": dict(method="V", vanilla_steps=3),
+    "V_qkv_early_swap": dict(method="V", early_swap="qkv", vanilla_steps=1),
+    "V_blend_from_step_0": dict(method="V", mask_start_step=0, vanilla_steps=1),
+    "V_reference_from_step_0_all_keys": dict(method="V", ref_start_step=0, ref_subject_only=False),
+    "IV": dict(method="IV", vanilla_steps=1),
+    "III": dict(method="III", vanilla_steps=1),
+}
+
+
+@pytest.fixture(scope="module")
+def straightforward(pipe, tmp_path_factory):
+    """The straightforward run of each setting, made once for all the switches compared with it."""
+    folder, done = tmp_path_factory.mktemp("straightforward"), {}
+
+    def get(setting):
+        if setting not in done:
+            done[setting] = generate(pipe, folder, **SETTINGS[setting], **STRAIGHTFORWARD)
+        return done[setting]
+
+    return get
+
+
+@pytest.mark.parametrize("setting,switch", [(setting, "all") for setting in SETTINGS]
+                         + [("V", switch) for switch in SWITCHES if switch != "all"])
+def test_optimizations_give_the_straightforward_images(pipe, tmp_path, straightforward, setting, switch):
+    """All switches on, for every setting; each switch alone, for the full method."""
+    config = SETTINGS[setting]
+    reference = straightforward(setting)
+    optimized = generate(pipe, tmp_path, **config, **{**STRAIGHTFORWARD, **SWITCHES[switch]})
+    assert torch.allclose(optimized.images, reference.images, **TOLERANCE)
+    for name, mask in reference.masks.items():
+        assert (optimized.masks[name] == mask).mean() > 0.99, name  # a rounding flip at a threshold at most
+
+
+def test_lora_one_unet_gives_the_straightforward_images(lora_pipe, tmp_path):
+    reference = generate(lora_pipe, tmp_path, method="V", vanilla_steps=2, **STRAIGHTFORWARD)
+    optimized = generate(lora_pipe, tmp_path, method="V", vanilla_steps=2)
+    assert torch.allclose(optimized.images, reference.images, **TOLERANCE)
+
+
+def test_intermediates_are_the_same_with_recorded_sources(pipe, tmp_path):
+    reference = generate(pipe, tmp_path, method="V", intermediates=True, **STRAIGHTFORWARD)
+    optimized = generate(pipe, tmp_path, method="V", intermediates=True)
+    assert set(optimized.attention_maps) == set(reference.attention_maps)
+    for role, maps in reference.attention_maps.items():
+        assert torch.allclose(torch.as_tensor(optimized.attention_maps[role]), torch.as_tensor(maps), **TOLERANCE)
+    assert optimized.reference_reconstruction.tobytes() == reference.reference_reconstruction.tobytes()
+
+
+def test_recorded_sources_do_not_run_again(pipe, tmp_path):
+    """Rows through the UNet: the layout path leaves Stage 2, the reference runs once for two prompts."""
+    n, inversion, stage1 = 2, STEPS, STEPS * 2 * 2
+    with RowCounter(pipe) as straight:
+        for prompt in (PROMPT, "a sks dog on the beach"):
+            generate(pipe, tmp_path, prompt=prompt, n=n, method="V", **STRAIGHTFORWARD)
+    # Per prompt: inversion (cached on disk after the first), Stage 1, Stage 2 with reference, layout, target.
+    assert straight.rows == inversion + 2 * (stage1 + STEPS * 2 * (1 + n + n))
+    with RowCounter(pipe) as fast:
+        for prompt in (PROMPT, "a sks dog on the beach"):
+            generate(pipe, tmp_path / "fresh", prompt=prompt, n=n, method="V")
+    reference_pass = (STEPS - (TINY["ref_start_step"] - 1)) * 2  # once, from the step before S_ref
+    assert fast.rows == inversion + reference_pass + 2 * (stage1 + STEPS * 2 * n)
+    assert pipe._reference_cache.computed == 1
+
+
+def test_over_budget_falls_back_to_running_the_paths(pipe, tmp_path):
+    reference = generate(pipe, tmp_path, method="V", **STRAIGHTFORWARD)
+    with RowCounter(pipe) as counter:
+        over = generate(pipe, tmp_path, method="V", layout_feature_budget_mb=0, reference_feature_budget_mb=0)
+    assert torch.allclose(over.images, reference.images, **TOLERANCE)
+    assert counter.rows == STEPS * 2 * 2 + STEPS * 2 * (1 + 2 + 2)  # inversion cached on disk: Stage 1 + 2 only
+    assert pipe._reference_cache.computed == 0
+
+
+def test_replaced_target_attention_is_not_computed(pipe, tmp_path, monkeypatch):
+    rows = []
+    real = F.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        rows.append(query.shape[0] * query.shape[2])
+        return real(query, *args, **kwargs)
+
+    generate(pipe, tmp_path, method="V", **STRAIGHTFORWARD)  # the reference's inversion, cached on disk
+    monkeypatch.setattr(attention_control.F, "scaled_dot_product_attention", spy)
+    generate(pipe, tmp_path, method="V", **{**STRAIGHTFORWARD, "skip_replaced_attention": False})
+    full = sum(rows)
+    rows.clear()
+    generate(pipe, tmp_path, method="V", **STRAIGHTFORWARD)
+    assert sum(rows) == full  # switched off really is the straightforward path
+    rows.clear()
+    generate(pipe, tmp_path, method="V", **{**STRAIGHTFORWARD, "skip_replaced_attention": True})
+    assert sum(rows) < full
+
+
+def test_reference_cache_is_reused_for_other_prompts_and_seeds(pipe, tmp_path):
+    generate(pipe, tmp_path, method="V")
+    again = generate(pipe, tmp_path, prompt="a sks dog on the beach", seed=9, n=1, method="IV", vanilla_steps=1)
+    assert pipe._reference_cache.computed == 1
+    straight = generate(pipe, tmp_path, prompt="a sks dog on the beach", seed=9, n=1, method="IV", vanilla_steps=1,
+                        **STRAIGHTFORWARD)
+    assert torch.allclose(again.images, straight.images, **TOLERANCE)
+
+
+def test_reference_cache_is_invalidated_by_model_image_steps_and_size(pipe, tmp_path):
+    cache = pipe._reference_cache
+    generate(pipe, tmp_path, method="V")
+    assert cache.computed == 1
+    generate(pipe, tmp_path, method="V", num_inference_steps=STEPS - 1)  # other steps
+    assert cache.computed == 2
+    generate(pipe, tmp_path, method="V", num_inference_steps=STEPS - 1, height=16, width=16)  # other size
+    assert cache.computed == 3
+    flipped = Image.open(pipe.reference_path).transpose(Image.FLIP_LEFT_RIGHT)
+    generate(pipe, tmp_path, method="V", reference=flipped)  # other image
+    assert cache.computed == 4
+    unet, _ = pipe.models.select(True)
+    weight = dict(unet.named_parameters())["up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_k.weight"]
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)  # the model changes in place: the cached features are stale
+        changed = generate(pipe, tmp_path, method="V", reference=flipped)
+        assert cache.computed == 5
+        # ... and the result is the changed model's (the inversion, keyed on the load-time model, is not
+        # part of this cache, so the straightforward run here shares it).
+        straight = generate(pipe, tmp_path, method="V", reference=flipped, **STRAIGHTFORWARD)
+        assert torch.allclose(changed.images, straight.images, **TOLERANCE)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    generate(pipe, tmp_path, method="V", reference=flipped)
+    assert cache.computed == 6  # back to the old weights: other storage version, recomputed (never stale)
