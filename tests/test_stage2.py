@@ -379,3 +379,24 @@ def test_generate_cli_full_method_writes_intermediates(tiny_dir, tmp_path, cache
     assert {"layout.png", "reference_reconstruction.png", "mask_m_ca.png", "mask_m_sam.png", "mask_union.png",
             "mask_final.png"} <= names
     assert any(n.startswith("attention_target_step") for n in names)
+
+
+@pytest.mark.parametrize("personalized,token", [("lora", "sks"), ("custom_diffusion", "<new1>")])
+def test_full_method_composes_with_adapted_attention(tiny_dir, cache_dir, personalized, token):
+    """LoRA layers and merged Custom Diffusion projections act inside the method's processor."""
+    def full(pipe):
+        config = LayoutRetouchConfig(method="V", inversion_cache_dir=cache_dir, **TINY)
+        return pipe(f"a {token} dog in the snow", reference_image=tiny_dir / "reference.png", config=config,
+                    generator=torch.Generator().manual_seed(5), output_type="latent").images
+
+    def load(path):
+        return LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), personalized=path, token=token,
+                                                     class_word="dog", progress=False)
+
+    tuned = load(str(tiny_dir / personalized))
+    result = full(tuned)
+    assert torch.isfinite(result).all()
+    tuned.models.switch(False)  # the same shared UNet with the adaptation switched off
+    tuned.models.switch = None
+    tuned.models._state = None
+    assert not torch.allclose(result, full(tuned), atol=1e-4)
