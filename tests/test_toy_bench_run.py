@@ -23,7 +23,7 @@ TOY_READY = (TOY_MODELS / "vanilla" / "model_index.json").exists() and (TOY_MODE
                     "repository yet (see layout_retouch/toyworld/README.md)")
 def test_quick_run_writes_well_formed_results(tmp_path):
     out = tmp_path / "bench"
-    assert main(["toy-bench", "--quick", "--quiet", "--out", str(out)]) == 0
+    assert main(["toy-bench", "--quick", "--quiet", "--threads", "0", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["personalizations"]["found"]) == {"dreambooth"}
     rows = results["results"]["dreambooth"]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 
 DEFAULT_THREADS = 1
@@ -38,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true", help="run the T_l / S_ref / S_mask sweep (full method V)")
     p.add_argument("--prompts", help="file of prompt templates, one a line, subject phrase as {}")
     p.add_argument("--seeds", type=int, help=f"seeds per prompt (default {DEFAULT_SEEDS}; --quick: 2)")
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS}, the paper's is "
-                   f"{LayoutRetouchConfig().num_inference_steps}; --quick: {QUICK_STEPS})")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS}, as the paper; --quick: "
+                   f"{QUICK_STEPS}). S_ref keeps its share of the trajectory at other counts")
     p.add_argument("--personalizations", nargs="+", choices=tuple(PERSONALIZATION_FOLDERS),
                    help="which toy personalizations (default: all; --quick: dreambooth)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="ablation rows to run")
