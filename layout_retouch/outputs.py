@@ -18,9 +18,19 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
+def _readable_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A temporary file beside the result, with the permissions a plain open() would give it
+    (mkstemp makes it owner-only)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _readable_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -35,7 +45,7 @@ def save_png(image: Image.Image, path: Path, parameters: dict | None = None) -> 
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", json.dumps(parameters, default=str))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _readable_temp(path.parent, path.name)
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=info)
