@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -393,6 +392,3 @@ def load_pipeline_from_args(args) -> LayoutRetouchPipeline:
         pipe.to(args.device)
     return pipe
 
-
-def resolve_path(path: str | None) -> str | None:
-    return str(Path(path).expanduser()) if path else None
