@@ -92,7 +92,8 @@ def load_model_pair(
 ) -> ModelPair:
     """Load the base model and, if given, its personalization (kind auto-detected when None)."""
     pipe = load_base(base, torch_dtype, allow_pickle, base_config)
-    pair = ModelPair(pipe=pipe, token=token, class_word=class_word, sources={"base": str(base)})
+    sources = {"base": str(base), **({"base_config": base_config} if base_config else {})}
+    pair = ModelPair(pipe=pipe, token=token, class_word=class_word, sources=sources)
     if personalized is None:
         return pair
     path = Path(personalized)
@@ -193,6 +194,8 @@ def detect_kind(path: Path) -> str:
         if path.suffix in (".safetensors", *PICKLE_SUFFIXES) and path.stat().st_size < 5_000_000:
             keys = list(load_state_dict(path, allow_pickle=True).keys()) if path.suffix == ".safetensors" \
                 else []
+            if any(k.startswith("model.diffusion_model.") for k in keys):  # a small full checkpoint
+                return "dreambooth"
             if any("lora" in k for k in keys):
                 return "lora"
             if any("custom_diffusion" in k for k in keys):
@@ -227,7 +230,8 @@ def _weights_file(path: Path, stems: tuple[str, ...], allow_pickle: bool) -> Pat
 
 def load_dreambooth(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
     if path.is_file():
-        fine_tuned = load_base(str(path), torch_dtype, allow_pickle, base_config=pair.sources.get("base"))
+        config = pair.sources.get("base_config") or pair.sources["base"]  # a single-file base cannot be the config
+        fine_tuned = load_base(str(path), torch_dtype, allow_pickle, base_config=config)
         unet, text_encoder = fine_tuned.unet, fine_tuned.text_encoder
     else:
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
