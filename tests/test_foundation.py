@@ -222,6 +222,25 @@ def test_error_pickle_refused_without_flag(tiny_dir, tmp_path):
     assert pair.kind == "textual_inversion"
 
 
+@pytest.mark.parametrize("personalized", ["dreambooth", "lora"])
+def test_model_offload_gives_the_same_images(tiny_dir, tmp_path, personalized):
+    """`--offload` installs accelerate's hooks on every model; with the CPU as the execution device
+    they must leave every path (both stages, inversion, attention control, adapter toggling) unchanged."""
+    config = LayoutRetouchConfig(method="V", num_inference_steps=STEPS, vanilla_steps=2, segmenter="none",
+                                 inversion_cache_dir=str(tmp_path))
+
+    def run(pipe):
+        return pipe("a sks dog in the snow", reference_image=tiny_dir / "reference.png", config=config,
+                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+
+    plain_run = run(load(tiny_dir, personalized=personalized))
+    offloaded = load(tiny_dir, personalized=personalized)
+    offloaded.enable_model_cpu_offload("cpu")
+    assert offloaded.execution_device == torch.device("cpu")
+    assert all(hasattr(m, "_hf_hook") for m in offloaded.models.unets())
+    assert torch.allclose(run(offloaded), plain_run, atol=1e-5)
+
+
 def test_error_method_needs_reference(tiny_dir):
     pipe = load(tiny_dir, personalized="dreambooth")
     with pytest.raises(LayoutRetouchError, match="reference photo"):
