@@ -1,10 +1,12 @@
 """The toy world's model components, built from configs: a tiny SD 1.x in miniature.
 
 Same classes as Stable Diffusion (AutoencoderKL, CLIPTextModel, UNet2DConditionModel, DDIM),
-only smaller: 64x64 images, 16x16x4 latents, a 2-layer text encoder, and cross-attention at
+only smaller: 64x64 images, 16x16x4 latents, a 2-layer text encoder. The UNet has attention at
 8x8 and 4x4, i.e. 1/2 and 1/4 of the latent side, where the method reads its cross-attention
-maps (as it does at 32x32 and 16x16 on SD's 64x64 latents). Cross-attention at 16x16 as well
-made a training step about 1.5x slower on this machine's CPUs, so it is left out.
+maps (as it does at 32x32 and 16x16 on SD's 64x64 latents), and in its last decoder block at the
+full 16x16: Stage 2 swaps and blends in the decoder's self-attention at 1/2 and 1/1 of the latent
+side, and without attention at 1/1 the blend cannot keep the layout's background (docs/RESULTS.md).
+The encoder has no 16x16 attention: it made a training step about 1.4x slower here.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(full_res_decoder_attention: bool = True) -> UNet2DConditionModel:
+    """The shipped UNet; `full_res_decoder_attention=False` is the first layout (no attention at 16x16),
+    which the shipped model was grown from (train_vanilla.py --grow-from)."""
+    last_up = "CrossAttnUpBlock2D" if full_res_decoder_attention else "UpBlock2D"
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last_up),
         block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=(4, 8, 8),  # diffusers' name; it is the number of heads per block
         norm_num_groups=16,

@@ -172,8 +172,36 @@ def encode_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
     return mean, std, specs
 
 
+def grow(checkpoint: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> int:
+    """Start from a checkpoint of the UNet without 16x16 decoder attention (`build_unet(False)`).
+
+    Every weight and optimizer moment it has is copied; the new attention blocks get a zero output
+    projection, so the grown network computes exactly what the checkpoint did until training moves it.
+    """
+
+    old_unet, old_ema = build_unet(full_res_decoder_attention=False), build_unet(full_res_decoder_attention=False)
+    old = {"unet": old_unet, "text_encoder": modules["text_encoder"], "ema_unet": old_ema,
+           "ema_text": modules["ema_text"]}
+    old_params = [*old_unet.named_parameters(), *modules["text_encoder"].named_parameters(prefix="te")]
+    old_opt = torch.optim.AdamW([p for _, p in old_params])
+    step = load_checkpoint(checkpoint, old, old_opt)
+    for name in ("unet", "ema_unet"):
+        missing, unexpected = modules[name].load_state_dict(old[name].state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("up_blocks.2.attentions.") for k in missing), (missing, unexpected)
+        with torch.no_grad():
+            for block in modules[name].up_blocks[2].attentions:
+                block.proj_out.weight.zero_()
+                block.proj_out.bias.zero_()
+    new_params = dict([*modules["unet"].named_parameters(), *modules["text_encoder"].named_parameters(prefix="te")])
+    for name, p in old_params:
+        if p in old_opt.state:
+            opt.state[new_params[name]] = old_opt.state[p]
+    print(f"grown from {checkpoint} at step {step}", flush=True)
+    return step
+
+
 def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
-               max_minutes: float | None = None) -> None:
+               max_minutes: float | None = None, grow_from: Path | None = None) -> None:
     """Train until `recipe.steps`, or until `max_minutes` have passed (then save the step reached)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -188,7 +216,12 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     ckpt = work / "unet_checkpoint.safetensors"
-    step = load_checkpoint(ckpt, modules, opt) if ckpt.exists() else 0
+    if ckpt.exists():
+        step = load_checkpoint(ckpt, modules, opt)
+    elif grow_from is not None:
+        step = grow(grow_from, modules, opt)
+    else:
+        step = 0
     # A run resumed at its last step only exports the pipeline: no need to encode the data.
     means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0, cache=work)
     scale = vae.config.scaling_factor
@@ -267,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet stage after this long (resume continues up to --unet-steps)")
+    parser.add_argument("--grow-from", type=Path, default=None,
+                        help="UNet checkpoint of the layout without 16x16 decoder attention to start from "
+                             "(used when --work holds no checkpoint yet)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe = UnetRecipe(steps=args.unet_steps, batch=args.unet_batch)
         if args.pool:
             recipe.pool = args.pool
-        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes)
+        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from)
     print(f"stage {args.stage} done in {time.time() - start:.0f} s", flush=True)
 
 
