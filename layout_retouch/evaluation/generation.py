@@ -46,15 +46,8 @@ class PipelineGenerator:
 
     def _pipeline_for(self, concept: Concept):
         if self._concept != concept:
-            try:
-                from layout_retouch.pipeline import LayoutRetouchPipeline
-            except ModuleNotFoundError as err:
-                if err.name != "layout_retouch.pipeline":
-                    raise
-                raise LayoutRetouchError(
-                    "layout_retouch.pipeline is not available in this installation; "
-                    "pass another generator with --generator module:callable"
-                ) from None
+            from layout_retouch.pipeline import LayoutRetouchPipeline
+
             self.release()
             self._pipe = LayoutRetouchPipeline.from_pretrained(
                 self.base,
