@@ -56,3 +56,48 @@ def test_personal_token_is_one_vocabulary_word_and_textual_inversion_loads(pipe,
         assert "<toy-concept>" in pipe.tokenizer.tokenize("a <toy-concept> star")
     finally:
         pipe.unload_textual_inversion("<toy-concept>")
+
+
+def test_grown_unet_computes_what_its_checkpoint_did(tmp_path):
+    """train_vanilla --grow-from: the 16x16 decoder attention starts as a no-op, optimizer moments carry over."""
+    from layout_retouch.toyworld.checkpoint import save_checkpoint
+    from layout_retouch.toyworld.components import build_text_encoder, build_unet
+    from layout_retouch.toyworld.tokenizer import build_tokenizer
+    from layout_retouch.toyworld.train_vanilla import grow
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+
+    def modules(full_res: bool) -> dict:
+        return {"unet": build_unet(full_res), "text_encoder": build_text_encoder(tokenizer),
+                "ema_unet": build_unet(full_res), "ema_text": build_text_encoder(tokenizer)}
+
+    def optimizer(mods):
+        return torch.optim.AdamW([*mods["unet"].parameters(), *mods["text_encoder"].parameters()])
+
+    old = modules(False)
+    old_opt = optimizer(old)
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([900, 30]), torch.randn(2, 8, 128)
+    old["unet"](x, t, text).sample.square().mean().backward()
+    old_opt.step()  # some moments to carry over
+    save_checkpoint(tmp_path / "old.safetensors", old, old_opt, step=123)
+
+    new = modules(True)
+    new_opt = optimizer(new)
+    assert grow(tmp_path / "old.safetensors", new, new_opt) == 123
+    assert any("up_blocks.2.attentions" in name for name, _ in new["unet"].named_parameters())
+    with torch.no_grad():
+        for name in ("unet", "ema_unet"):
+            assert torch.allclose(new[name](x, t, text).sample, old[name](x, t, text).sample, atol=1e-6)
+    moved = new["unet"].conv_in.weight
+    assert torch.equal(new_opt.state[moved]["exp_avg"], old_opt.state[old["unet"].conv_in.weight]["exp_avg"])
+
+
+def test_shipped_unet_has_the_recipe_architecture():
+    from layout_retouch.toyworld.components import build_unet
+
+    shipped = json.loads((VANILLA / "unet" / "config.json").read_text())
+    recipe = build_unet().config
+    for key in ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+                "cross_attention_dim", "attention_head_dim", "sample_size"):
+        assert list(np.atleast_1d(shipped[key])) == list(np.atleast_1d(recipe[key])), key
