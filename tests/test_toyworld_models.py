@@ -101,3 +101,20 @@ def test_shipped_unet_has_the_recipe_architecture():
     for key in ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
                 "cross_attention_dim", "attention_head_dim", "sample_size"):
         assert list(np.atleast_1d(shipped[key])) == list(np.atleast_1d(recipe[key])), key
+
+
+def test_attention_contribution_reads_zero_for_a_block_that_adds_nothing(pipe):
+    from layout_retouch.toyworld.attention_contribution import transformer_contributions
+
+    block = pipe.unet.up_blocks[1].attentions[0]
+    saved = {k: v.clone() for k, v in block.proj_out.state_dict().items()}
+    try:
+        for p in block.proj_out.parameters():
+            p.data.zero_()
+        ratios = transformer_contributions(pipe, "a photo of a red ball on the beach", steps=2, seeds=1)
+    finally:
+        block.proj_out.load_state_dict(saved)
+    assert ratios["up_blocks.1.attentions.0"] < 1e-6
+    assert ratios["up_blocks.1.attentions.1"] > 0.05
+    assert len(ratios) == sum(len(getattr(b, "attentions", [])) for b in
+                              [*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks])
