@@ -4,9 +4,9 @@ Same classes as Stable Diffusion (AutoencoderKL, CLIPTextModel, UNet2DConditionM
 only smaller: 64x64 images, 16x16x4 latents, a 2-layer text encoder. The UNet has attention at
 8x8 and 4x4, i.e. 1/2 and 1/4 of the latent side, where the method reads its cross-attention
 maps (as it does at 32x32 and 16x16 on SD's 64x64 latents), and in its last decoder block at the
-full 16x16: Stage 2 swaps and blends in the decoder's self-attention at 1/2 and 1/1 of the latent
-side, and without attention at 1/1 the blend cannot keep the layout's background (docs/RESULTS.md).
-The encoder has no 16x16 attention: it made a training step about 1.4x slower here.
+full 16x16, where Stage 2 swaps and blends (the decoder's self-attention at 1/2 and 1/1 of the latent
+side, SD 1.x's 32x32 and 64x64 up blocks). The encoder has no 16x16 attention: it made a training
+step about 1.4x slower here.
 """
 
 from __future__ import annotations

@@ -178,7 +178,6 @@ def grow(checkpoint: Path, modules: dict[str, torch.nn.Module], opt: torch.optim
     Every weight and optimizer moment it has is copied; the new attention blocks get a zero output
     projection, so the grown network computes exactly what the checkpoint did until training moves it.
     """
-
     old_unet, old_ema = build_unet(full_res_decoder_attention=False), build_unet(full_res_decoder_attention=False)
     old = {"unet": old_unet, "text_encoder": modules["text_encoder"], "ema_unet": old_ema,
            "ema_text": modules["ema_text"]}
