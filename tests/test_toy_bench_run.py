@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from layout_retouch.cli import main
-from layout_retouch.cli.demo import TOY_MODELS
 from layout_retouch.toyworld import bench
 from layout_retouch.toyworld.bench import BenchSettings, generate, run_bench
 from layout_retouch.toyworld.bench_prompts import BenchPrompt
@@ -16,11 +15,8 @@ from layout_retouch.toyworld.render import render
 from layout_retouch.toyworld.scene import SceneSpec
 
 ROWS = ["I", "II", "III", "IV", "V"]
-TOY_READY = (TOY_MODELS / "vanilla" / "model_index.json").exists() and (TOY_MODELS / "sks_star_dreambooth").is_dir()
 
 
-@pytest.mark.skipif(not TOY_READY, reason="the toy world's vanilla and DreamBooth models are not in the "
-                    "repository yet (see layout_retouch/toyworld/README.md)")
 def test_quick_run_writes_well_formed_results(tmp_path):
     out = tmp_path / "bench"
     assert main(["toy-bench", "--quick", "--quiet", "--threads", "0", "--out", str(out)]) == 0
