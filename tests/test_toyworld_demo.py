@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from layout_retouch.cli import main
+from layout_retouch.cli import main, options
 from layout_retouch.cli.demo import TOY_MODELS
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.pipeline import LayoutRetouchPipeline
@@ -33,7 +33,7 @@ def test_shipped_personalization_loads_and_changes_the_output(folder, kind, toke
 
 def test_demo_writes_grid_summary_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--seeds", "1", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "4", "--seeds", "1", "--threads", "0", "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["measures"]) == {"I", "II", "V"}
     assert summary["config"]["method"] == "V" and summary["seeds_per_prompt"] == 1
@@ -41,5 +41,18 @@ def test_demo_writes_grid_summary_and_refuses_to_overwrite(tmp_path, capsys):
         assert len(list((out / method).glob("*.png"))) == len(summary["prompts"])
         assert 0 <= summary["measures"][method]["identity"] <= 1
     assert (out / "grid.png").stat().st_size > 0
-    assert main(["demo", "--out", str(out), "--steps", "4", "--seeds", "1", "--quiet"]) != 0
+    assert main(["demo", "--out", str(out), "--steps", "4", "--seeds", "1", "--threads", "0", "--quiet"]) != 0
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("load", "cores", "expected"), [(0.1, 2, 2), (1.2, 2, 1), (5.0, 2, 1), (2.4, 8, 6)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, load, cores, expected):
+    monkeypatch.setattr(options.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(options.os, "cpu_count", lambda: cores)
+    before = torch.get_num_threads()
+    try:
+        assert options.set_threads(None) == expected
+        assert torch.get_num_threads() == expected
+        assert options.set_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)

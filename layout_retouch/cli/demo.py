@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from layout_retouch.cli.options import add_threads_option, set_threads
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the grid shows the first)")
     p.add_argument("--steps", type=int, default=LayoutRetouchConfig().num_inference_steps)
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo in --out")
+    add_threads_option(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -67,6 +69,7 @@ def run(args) -> int:
     if (out / "summary.json").exists() and not args.overwrite:
         raise LayoutRetouchError(f"{out} already holds a demo; pass --overwrite or another --out")
     base, tuned, reference = find_toy_models(args.personalized)
+    set_threads(args.threads)
     start = time.perf_counter()
     pipe = LayoutRetouchPipeline.from_pretrained(str(base), personalized=str(tuned), token=TOKEN,
                                                  class_word=CLASS_WORD, progress=False)

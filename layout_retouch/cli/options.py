@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from layout_retouch.config import METHOD_NAMES, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.models import KINDS
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores the load average leaves idle, at least 1; "
+                   "on this project's 2-core machine two threads ran a toy benchmark 1.9x faster than one "
+                   "when quiet, and 3-15x slower when other jobs held a core)")
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply --threads (0: torch's own default); None picks the idle cores, so a busy machine is not thrashed."""
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
 
 
 def add_model_options(p: argparse.ArgumentParser, base_required: bool = True) -> None:

@@ -13,11 +13,8 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
+from layout_retouch.cli.options import add_threads_option, set_threads
 from layout_retouch.errors import LayoutRetouchError
-
-DEFAULT_THREADS = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="ablation rows to run")
     p.add_argument("--models", type=Path, help="folder holding vanilla/, references/ and sks_star_* "
                    "(default: the shipped toy models)")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="torch CPU threads (0: torch's default). One thread measured 3-15x faster than two "
-                   "per UNet call on the shared 2-core machine this was built on")
+    add_threads_option(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -79,8 +74,7 @@ def run(args) -> int:
     from layout_retouch.toyworld.bench import run_bench, run_sweep
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     settings = settings_from_args(args)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     start = time.perf_counter()
