@@ -45,14 +45,20 @@ def test_demo_writes_grid_summary_and_refuses_to_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("load", "cores", "expected"), [(0.1, 2, 2), (1.2, 2, 1), (5.0, 2, 1), (2.4, 8, 6)])
-def test_default_threads_leave_busy_cores_alone(monkeypatch, load, cores, expected):
-    monkeypatch.setattr(options.os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(options.os, "cpu_count", lambda: cores)
+def test_default_threads_are_the_idle_cores(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    later = "cpu  150 0 150 900 0 0 0 0 0 0\ncpu0 1 2 3 4\n"  # of 200 ticks since, 100 idle: half the cores
+    monkeypatch.setattr(options.time, "sleep", lambda _: stat.write_text(later))
+    monkeypatch.setattr(options.os, "cpu_count", lambda: 4)
+    assert options.idle_cores(stat=stat) == 2
+    assert options.idle_cores(stat=tmp_path / "absent") == 4
+
+    monkeypatch.setattr(options, "idle_cores", lambda: 2)
     before = torch.get_num_threads()
     try:
-        assert options.set_threads(None) == expected
-        assert torch.get_num_threads() == expected
-        assert options.set_threads(3) == 3
+        assert options.set_threads(None) == 2 and torch.get_num_threads() == 2
+        assert options.set_threads(3) == 3 and torch.get_num_threads() == 3
+        assert options.set_threads(0) == 0 and torch.get_num_threads() == 3  # 0: left as it is
     finally:
         torch.set_num_threads(before)

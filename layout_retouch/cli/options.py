@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from layout_retouch.config import METHOD_NAMES, LayoutRetouchConfig
@@ -14,15 +15,33 @@ from layout_retouch.models import KINDS
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores the load average leaves idle, at least 1; "
-                   "on this project's 2-core machine two threads ran a toy benchmark 1.9x faster than one "
-                   "when quiet, and 3-15x slower when other jobs held a core)")
+                   help="torch CPU threads (0: torch's default; default: the cores idle when the command "
+                   "starts, at least 1: on this project's 2-core machine two threads ran a toy benchmark "
+                   "1.9x faster than one when quiet, and 3-15x slower when another job held a core)")
+
+
+def idle_cores(sample_seconds: float = 0.5, stat: Path = Path("/proc/stat")) -> int:
+    """Cores idle right now, from two reads of /proc/stat (the load average lags by a minute);
+    every core where /proc/stat does not exist."""
+    cores = os.cpu_count() or 1
+    if not stat.exists():
+        return cores
+
+    def idle_and_total() -> tuple[int, int]:
+        values = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
+
+    idle0, total0 = idle_and_total()
+    time.sleep(sample_seconds)
+    idle1, total1 = idle_and_total()
+    idle_share = (idle1 - idle0) / max(total1 - total0, 1)
+    return max(1, round(cores * idle_share))
 
 
 def set_threads(threads: int | None) -> int:
-    """Apply --threads (0: torch's own default); None picks the idle cores, so a busy machine is not thrashed."""
+    """Apply --threads (0: torch's own default); None takes the idle cores, so a busy machine is not thrashed."""
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+        threads = idle_cores()
     if threads:
         import torch
 
