@@ -36,8 +36,9 @@ PERSONALIZATION_FOLDERS = {
 REFERENCE_NAME = "sks_star_00.png"  # the reference photo Stage 2 borrows appearance from (as the demo)
 DEFAULT_SEEDS = 16
 # DDIM steps of the default run: the paper's 50. The default run (3 personalizations x 4 prompts x 16
-# seeds x rows I-V) measured 24 min on one core of the 2-core CPU with the shipped (grown) toy UNet
-# (docs/RESULTS.md). At other counts (--steps, --quick) step-indexed settings keep their share of the trajectory.
+# seeds x rows I-V) measured 16 min on the quiet 2-core CPU with the shipped (grown) toy UNet, 24 min
+# on one core (docs/RESULTS.md). At other counts (--steps, --quick) step-indexed settings keep their
+# share of the trajectory.
 DEFAULT_STEPS = 50
 PAPER_STEPS = 50  # the step count the paper's S_ref (and so S_mask) is given for
 QUICK_SEEDS, QUICK_STEPS = 2, 10
