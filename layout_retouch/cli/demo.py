@@ -99,10 +99,12 @@ def run(args) -> int:
     summary = {
         "models": pipe.models.sources, "reference": str(reference), "config": config.to_dict(),
         "prompts": PROMPTS, "seeds_per_prompt": args.seeds, "seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
         "measures": measure(results),
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
-    print(f"wrote {out / 'grid.png'} and {out / 'summary.json'} in {seconds:.0f} s")
+    print(f"wrote {out / 'grid.png'} and {out / 'summary.json'} in {seconds:.0f} s "
+          f"({torch.get_num_threads()} torch threads)")
     for method, m in summary["measures"].items():
         context = m["prompt_fidelity"].get("context", {}).get("rate", float("nan"))
         print(f"  {method:>3}: identity {m['identity']:.2f}  context followed {context:.0%}  "
