@@ -300,7 +300,7 @@ class LayoutRetouchAttnProcessor:
             if blend and layout is not None:
                 mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]))
                 if mask is not None:
-                    mask = mask.to(target_out.dtype)
+                    mask = mask.to(device=target_out.device, dtype=target_out.dtype)
                     target_out = mask * target_out + (1 - mask) * layout["out"]
             out[rows] = target_out
         return out
