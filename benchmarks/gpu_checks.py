@@ -1,0 +1,68 @@
+"""GPU checks the CPU suite cannot make: every method and personalization kind runs on CUDA, in fp16,
+and with model offload gives the images it gives without (run on a machine with a GPU).
+
+    python benchmarks/gpu_checks.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from layout_retouch.cli.demo import CLASS_WORD, TOY_METHOD, TOY_MODELS
+from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.pipeline import LayoutRetouchPipeline
+
+PERSONALIZED = {"dreambooth": ("sks_star_dreambooth", "sks"), "lora": ("sks_star_lora", "sks"),
+                "textual_inversion": ("sks_star_ti", "<sks>")}
+
+
+def run(pipe, token: str, method: str, cache: str):
+    config = LayoutRetouchConfig(method=method, num_inference_steps=10, inversion_cache_dir=cache, **TOY_METHOD)
+    generator = [torch.Generator().manual_seed(s) for s in range(2)]
+    reference = TOY_MODELS / "references" / "sks_star_00.png"
+    return pipe(f"a photo of a {token} star on the beach", reference_image=reference, config=config,
+                num_images_per_prompt=2, generator=generator, output_type="latent").images.float().cpu()
+
+
+def load(folder: str, token: str, dtype: torch.dtype) -> LayoutRetouchPipeline:
+    return LayoutRetouchPipeline.from_pretrained(str(TOY_MODELS / "vanilla"), personalized=str(TOY_MODELS / folder),
+                                                 token=token, class_word=CLASS_WORD, torch_dtype=dtype, progress=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cache", default="/tmp/gpu_checks_cache")
+    args = parser.parse_args()
+    failures = 0
+    for kind, (folder, token) in PERSONALIZED.items():
+        for dtype in (torch.float32, torch.float16):
+            on_device = load(folder, token, dtype).to(args.device)
+            for method in ("I", "II", "III", "IV", "V"):
+                try:
+                    latents = run(on_device, token, method, args.cache)
+                    ok = bool(torch.isfinite(latents).all())
+                    print(f"{kind:18s} {str(dtype):14s} {method:3s} finite={ok} mean|z|={latents.abs().mean():.3f}")
+                    failures += not ok
+                except Exception as err:  # report every failure, not just the first
+                    print(f"{kind:18s} {str(dtype):14s} {method:3s} FAILED: {type(err).__name__}: {err}")
+                    failures += 1
+            try:
+                reference = run(on_device, token, "V", args.cache)
+                offloaded = load(folder, token, dtype)
+                offloaded.enable_model_cpu_offload(args.device)
+                diff = (run(offloaded, token, "V", args.cache) - reference).abs().max().item()
+                print(f"{kind:18s} {str(dtype):14s} V   offload max|diff|={diff:.2e}")
+                failures += diff > (1e-3 if dtype == torch.float32 else 5e-2)
+            except Exception as err:
+                print(f"{kind:18s} {str(dtype):14s} V   offload FAILED: {type(err).__name__}: {err}")
+                failures += 1
+    print(f"failures: {failures}")
+    return int(failures > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
