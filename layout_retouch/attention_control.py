@@ -170,16 +170,17 @@ class AttentionController:
             return None
         return keep[:, None, None, :]
 
-    def blend_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
-        """(n, 1, h*w, 1) mask M at a layer's resolution, computed once per step."""
+    def blend_mask(self, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+        """(n, 1, h*w, 1) mask M at a layer's resolution, on `like`'s device and dtype, made once per step."""
         if self.blend_mask_fn is None:
             return None
         if self._blend_mask is None:
             self._blend_mask = self.blend_mask_fn(self)
-        if size not in self._resized:
+        key = (size, like.device, like.dtype)
+        if key not in self._resized:
             resized = resize_mask(self._blend_mask, size)
-            self._resized[size] = resized.flatten(1)[:, None, :, None]
-        return self._resized[size]
+            self._resized[key] = resized.flatten(1)[:, None, :, None].to(device=like.device, dtype=like.dtype)
+        return self._resized[key]
 
 
 class LayoutRetouchAttnProcessor:
@@ -298,9 +299,8 @@ class LayoutRetouchAttnProcessor:
                     keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, key.shape[2]))
                 target_out = F.scaled_dot_product_attention(q_t, k_r, v_r, attn_mask=keep)
             if blend and layout is not None:
-                mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]))
+                mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]), target_out)
                 if mask is not None:
-                    mask = mask.to(device=target_out.device, dtype=target_out.dtype)
                     target_out = mask * target_out + (1 - mask) * layout["out"]
             out[rows] = target_out
         return out
