@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.sd15_configs import dreambooth_unet, sd15_pipeline  # noqa: E402
 from layout_retouch.config import LayoutRetouchConfig  # noqa: E402
@@ -105,6 +106,22 @@ class UNetCounter:
         self.calls = self.rows = 0
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a run dispatches: each is at least one kernel launch on a GPU.
+
+    Where a GPU is bound by launching work rather than doing it (SD 1.5 at 512 px, batch 2, on an
+    H100), time follows this count more closely than UNet rows; it does not depend on the resolution.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
 def configs(args) -> dict[str, LayoutRetouchConfig]:
     fields = set(LayoutRetouchConfig.__dataclass_fields__)
     common = dict(num_inference_steps=args.steps, height=args.resolution, width=args.resolution)
@@ -160,7 +177,16 @@ def time_side_by_side(args) -> dict:
             if args.device.startswith("cuda"):
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
             print(f"  repeat {repeat}: {name:15s} {taken / images:8.2f} s/image", flush=True)
-    return {"seconds": seconds, "evaluations": evaluations, "peaks": peaks, "images": images}
+    ops = {}
+    if args.count_ops:  # a separate run: the counter's own overhead stays out of the timings
+        for name, config in variants.items():
+            counter.reset()
+            with OpCounter() as counter_ops:
+                run_once(pipe, config, prompts, args.seeds, reference, args.device)
+            ops[name] = counter_ops.ops / images
+            evaluations[name] = (counter.calls / images, counter.rows / images)
+            print(f"  ops: {name:15s} {ops[name]:10.0f} ATen ops/image", flush=True)
+    return {"seconds": seconds, "evaluations": evaluations, "peaks": peaks, "images": images, "ops": ops}
 
 
 def apply_model_options(pipe, args) -> None:
@@ -219,6 +245,13 @@ def summarize(args, timing: dict, memory: dict) -> None:
     header = f"{'variant':16s} {'s/image (median)':>17s} {'min':>8s} {'max':>8s} {'UNet calls/img':>15s} " \
              f"{'UNet rows/img':>14s} {'peak memory':>24s}"
     print(header)
+    if not args.repeats:  # --repeats 0 --count-ops: the counts alone
+        print(f"{'variant':16s} {'UNet calls/img':>15s} {'UNet rows/img':>14s} {'ATen ops/img':>13s}")
+        for name, count in timing["ops"].items():
+            calls, rows = timing["evaluations"][name]
+            print(f"{name:16s} {calls:15.1f} {rows:14.1f} {count:13.0f}")
+        print_op_ratios(timing["ops"])
+        return
     for name, values in seconds.items():
         calls, rows = timing["evaluations"][name]
         if name in timing["peaks"]:
@@ -238,9 +271,18 @@ def summarize(args, timing: dict, memory: dict) -> None:
     if "plain" in memory and "full" in memory:
         extra = {k: memory[k]["peak_mib"] for k in ("plain", "full")}
         print(f"memory ratio full/plain (peak RSS) {extra['full'] / extra['plain']:.3f}")
+    if timing["ops"]:
+        print_op_ratios(timing["ops"])
     if "plain" in timing["peaks"] and "full" in timing["peaks"]:
         print(f"memory ratio full/plain (peak GPU) {timing['peaks']['full'] / timing['peaks']['plain']:.3f}")
     print(f"ratio {statistics.median(seconds['full']) / plain:.3f}")
+
+
+def print_op_ratios(ops: dict) -> None:
+    print("ATen ops/image: " + ", ".join(f"{k} {v:.0f}" for k, v in ops.items()))
+    for name in ops:
+        if name != "plain":
+            print(f"ops ratio {name}/plain {ops[name] / ops['plain']:.3f}")
 
 
 def parse_args(argv=None):
@@ -253,17 +295,22 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt, batched in one call")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating plain/full runs; medians reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating plain/full runs; medians reported (0 with --count-ops: counts only)")
     parser.add_argument("--personalization", choices=("dreambooth", "lora"), default="dreambooth")
     parser.add_argument("--straightforward", action="store_true",
                         help="also time the full method with every optimization switched off")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="one more run per variant counting ATen operators (kernel launches on a GPU)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--channels-last", action="store_true", help="UNets in channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--memory-worker", choices=("plain", "full", "straightforward"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 1 and not args.count_ops:
+        parser.error("--repeats 0 measures nothing without --count-ops")
     if args.quick:
         args.resolution, args.steps, args.prompts, args.repeats = 128, 6, 2, 1
     return args
@@ -277,7 +324,7 @@ def main(argv=None) -> None:
         memory_worker(args)
         return
     memory = {}
-    if not args.device.startswith("cuda") and not args.no_memory:
+    if not args.device.startswith("cuda") and not args.no_memory and args.repeats:
         for name in configs(args):
             memory[name] = measure_memory_in_subprocess(args, name)
             print(f"  memory {name}: {json.dumps(memory[name])}", flush=True)

@@ -1,7 +1,7 @@
 """Attention control: one processor class, one controller that knows the step, the paths and the plan.
 
 Every UNet call carries a batch made of paths (reference, layout, target), each with an
-unconditional and a conditional half. The controller says which rows are which (`Segment`s),
+unconditional and a conditional half, side by side. The controller says which rows are whose (`PathRows`),
 which step it is, and what the target does at each layer; the processor computes every path's
 attention and, for the target, swaps in the layout's or reference's queries, keys and values
 (ALGORITHM.md, Stage 2). Sources computed in an earlier call of the same step (a path that ran
@@ -20,15 +20,31 @@ from layout_retouch.layers import LayerInfo, attention_layers, select_decoder_la
 from layout_retouch.masks import resize_mask, threshold_map
 
 REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
-UNCOND, COND = "uncond", "cond"
 
 
 @dataclass(frozen=True)
-class Segment:
+class PathRows:
+    """A path's rows in a UNet call's batch: its unconditional half, then its conditional half.
+
+    Keeping each path's halves side by side lets the target borrow from a source with one batched
+    operation (the halves pair up row for row) and lets a recorder keep a source without copying it.
+    """
+
     role: str
-    half: str
     start: int
     stop: int
+
+    @property
+    def per_half(self) -> int:
+        return (self.stop - self.start) // 2
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+    @property
+    def cond(self) -> slice:
+        return slice(self.start + self.per_half, self.stop)
 
 
 @dataclass
@@ -59,7 +75,7 @@ class ControlPlan:
 
 
 class AttentionController:
-    """Holds the step, the current call's segments, the subject maps and the per-step source store."""
+    """Holds the step, the current call's path rows, the subject maps and the per-step source store."""
 
     def __init__(self, plan: ControlPlan, subject_tokens: dict[str, list[int]] | None = None,
                  latent_size: tuple[int, int] = (64, 64), keep_map_history: bool = False):
@@ -67,9 +83,11 @@ class AttentionController:
         self.subject_tokens = subject_tokens or {}  # role -> token indices in its conditional prompt
         self.latent_size = latent_size
         self.step = 0
-        self.segments: list[Segment] = []
-        self.last_segments: list[Segment] = []
-        self.store: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+        self.paths: dict[str, PathRows] = {}  # role -> its rows in the current UNet call
+        self.last_paths: dict[str, PathRows] = {}
+        # (layer, role) -> a source's tensors from a call without the target, for the target's call later
+        # in the same step (a path that ran through the other model).
+        self.store: dict[tuple[str, str], SourceRows] = {}
         self.maps: dict[str, list[torch.Tensor]] = {}  # role -> this step's (n, h, w) subject maps
         self.previous_maps: dict[str, torch.Tensor] = {}
         self.map_sums: dict[str, torch.Tensor] = {}  # role -> sum over steps, for a run-level map
@@ -80,7 +98,8 @@ class AttentionController:
         self._resized: dict[tuple, torch.Tensor] = {}
         # Recorded sources (source_features.py): role -> SourceFeatures, read where the path did not run.
         self.features: dict = {}
-        # Optional callable(controller, layer, role, half, q, k, v, out) seeing every source segment.
+        # Optional callable(controller, layer, role, tensors) seeing every source path's self-attention;
+        # `tensors` gives "q", "k", "v", "out" of the path's rows (unconditional half, then conditional).
         self.recorder = None
 
     # --- the loop tells the controller where it is
@@ -102,15 +121,14 @@ class AttentionController:
                     self.history.setdefault(role, []).append(mean)
         self.maps = {}
 
-    def begin_call(self, segments: list[Segment]) -> None:
-        self.segments = segments
-        if segments:
-            self.last_segments = segments
+    def begin_call(self, paths: list[PathRows]) -> None:
+        self.paths = {p.role: p for p in paths}
+        if paths:
+            self.last_paths = self.paths
 
     # --- subject maps from cross-attention
     def wants_maps(self, layer: LayerInfo) -> bool:
-        return layer.name in self.plan.map_layers and any(
-            s.half == COND and s.role in self.subject_tokens for s in self.segments)
+        return layer.name in self.plan.map_layers and any(role in self.subject_tokens for role in self.paths)
 
     def add_maps(self, role: str, maps: torch.Tensor) -> None:
         self.maps.setdefault(role, []).append(maps.float())
@@ -139,23 +157,24 @@ class AttentionController:
     def blend_active(self, layer: LayerInfo) -> bool:
         return self.plan.blend_at(self.step, layer.name)
 
-    def has_source(self, layer: LayerInfo, role: str, half: str) -> bool:
+    def has_source(self, layer: LayerInfo, role: str) -> bool:
         recorded = self.features.get(role)
-        return (layer.name, role, half) in self.store or (
-            recorded is not None and (self.step, layer.name, half) in recorded.entries)
+        return role in self.paths or (layer.name, role) in self.store or (
+            recorded is not None and (self.step, layer.name) in recorded.entries)
 
-    def source(self, layer: LayerInfo, role: str, half: str, device) -> tuple[dict | None, bool]:
-        """A source's tensors at this layer and step: from this step's calls, else from its recording.
+    def source(self, layer: LayerInfo, role: str, device, here: dict | None = None) -> tuple[object | None, bool]:
+        """A source's tensors (rows: unconditional half, then conditional) at this layer and step.
 
-        The flag says whether the keys are already restricted to the subject (recorded reference).
+        From this call (`here`) or an earlier call of this step, else from its recording. The flag says
+        whether the keys are already restricted to the subject (a recorded reference).
         """
-        found = self.store.get((layer.name, role, half))
+        found = (here or {}).get(role) or self.store.get((layer.name, role))
         if found is not None:
             return found, False
         recorded = self.features.get(role)
         if recorded is None:
             return None, False
-        return recorded.get(self.step, layer.name, half, device), recorded.keys_restricted
+        return recorded.get(self.step, layer.name, device), recorded.keys_restricted
 
     def reference_key_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
         """(1, 1, 1, h*w) boolean: which reference keys lie on the reference's subject."""
@@ -171,23 +190,39 @@ class AttentionController:
         return keep[:, None, None, :]
 
     def blend_mask(self, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
-        """(n, 1, h*w, 1) mask M at a layer's resolution, on `like`'s device and dtype, made once per step."""
+        """(2n, 1, h*w, 1) mask M for both CFG halves at a layer's resolution, like `like`; once per step."""
         if self.blend_mask_fn is None:
             return None
         if self._blend_mask is None:
             self._blend_mask = self.blend_mask_fn(self)
         key = (size, like.device, like.dtype)
         if key not in self._resized:
-            resized = resize_mask(self._blend_mask, size)
-            self._resized[key] = resized.flatten(1)[:, None, :, None].to(device=like.device, dtype=like.dtype)
+            resized = resize_mask(self._blend_mask, size).flatten(1)[:, None, :, None]
+            self._resized[key] = torch.cat([resized, resized]).to(device=like.device, dtype=like.dtype)
         return self._resized[key]
+
+
+@dataclass
+class SourceRows:
+    """A source path's rows of one call's attention tensors, sliced only when asked for."""
+
+    tensors: dict[str, torch.Tensor]  # q, k, v, out of the whole call
+    rows: slice
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _take(self.tensors[name], self.rows)
+
+
+def _take(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    return tensor if rows.start == 0 and rows.stop == tensor.shape[0] else tensor[rows]
 
 
 class LayoutRetouchAttnProcessor:
     """The method's attention processor: plain SDPA for every path, controlled attention for the target.
 
     Only the subject cross-attention maps of `plan.map_layers` (low resolution) are ever materialized;
-    every other attention runs as scaled dot-product attention.
+    every other attention runs as scaled dot-product attention. The target's halves pair up row for row
+    with each source's, so each rule is one batched operation over both halves.
     """
 
     def __init__(self, controller: AttentionController, layer: LayerInfo):
@@ -224,7 +259,7 @@ class LayoutRetouchAttnProcessor:
             key = attn.norm_k(key)
 
         controller = self.controller
-        if not self.layer.cross and controller.segments and attention_mask is None:
+        if not self.layer.cross and controller.paths and attention_mask is None:
             out = self._control(query, key, value)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
@@ -241,75 +276,79 @@ class LayoutRetouchAttnProcessor:
 
     def _record_maps(self, attn, query, key) -> None:
         controller = self.controller
-        for seg in controller.segments:
-            tokens = controller.subject_tokens.get(seg.role)
-            if seg.half != COND or not tokens:
+        for path in controller.paths.values():
+            tokens = controller.subject_tokens.get(path.role)
+            if not tokens:
                 continue
-            q, k = query[seg.start:seg.stop], key[seg.start:seg.stop]
+            q, k = query[path.cond], key[path.cond]
             probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (n, heads, hw, tokens)
             subject = probs[..., tokens].mean(-1).mean(1)  # mean over subject tokens and heads
             h, w = _layer_size(controller.latent_size, self.layer, subject.shape[-1])
-            controller.add_maps(seg.role, subject.view(-1, h, w))
+            controller.add_maps(path.role, subject.view(-1, h, w))
 
     def _control(self, query, key, value):
-        controller, layer = self.controller, self.layer
+        controller, layer, plan = self.controller, self.layer, self.controller.plan
         early = controller.early_swap_active()
         reference = controller.reference_active(layer)
         blend = controller.blend_active(layer)
-        plan = controller.plan
-        # A target's own plain attention is needed only where no swap replaces it.
-        in_call = {(seg.role, seg.half) for seg in controller.segments if seg.role != TARGET}
-        skipped = []
-        for seg in controller.segments if plan.skip_replaced and (early or reference) else ():
-            role = LAYOUT if early else REFERENCE
-            if seg.role == TARGET and ((role, seg.half) in in_call or controller.has_source(layer, role, seg.half)):
-                skipped.append((seg.start, seg.stop))
-        out = _plain_attention(query, key, value, skipped)
-        # Keep what a target in a later call of this step may need from the sources of this call.
-        for seg in controller.segments:
-            if seg.role == TARGET:
-                continue
-            rows = slice(seg.start, seg.stop)
-            q, k, v, o = query[rows], key[rows], value[rows], out[rows]
-            controller.store[(layer.name, seg.role, seg.half)] = {"q": q, "k": k, "v": v, "out": o}
-            if controller.recorder is not None:
-                controller.recorder(controller, layer, seg.role, seg.half, q, k, v, o)
-        if not (early or reference or blend):
+        target = controller.paths.get(TARGET)
+        # The target's own attention is needed only where no swap replaces it.
+        replacer = LAYOUT if early else REFERENCE
+        replaced = (target is not None and plan.skip_replaced and (early or reference)
+                    and controller.has_source(layer, replacer))
+        out = _plain_attention(query, key, value, [(target.start, target.stop)] if replaced else [])
+        here = {}  # what the target takes from the sources of this call (or of a later call of this step)
+        for path in controller.paths.values():
+            if path.role != TARGET:
+                here[path.role] = SourceRows({"q": query, "k": key, "v": value, "out": out}, path.rows)
+                if controller.recorder is not None:
+                    controller.recorder(controller, layer, path.role, here[path.role])
+        if target is None:
+            controller.store.update({(layer.name, role): rows for role, rows in here.items()})
+        if target is None or not (early or reference or blend):
             return out
-        if not skipped:
-            out = out.clone()
-        for seg in controller.segments:
-            if seg.role != TARGET:
-                continue
-            layout, _ = controller.source(layer, LAYOUT, seg.half, query.device) if early or blend else (None, False)
-            ref, restricted = controller.source(layer, REFERENCE, seg.half, query.device) if reference \
-                else (None, False)
-            rows = slice(seg.start, seg.stop)
-            q_t, v_t, n = query[rows], value[rows], seg.stop - seg.start
-            target_out = out[rows]
-            if early and layout is not None:
-                if plan.early_swap == "qkv":
-                    target_out = layout["out"]
-                else:  # the layout's attention map on the target's own values
-                    target_out = F.scaled_dot_product_attention(layout["q"], layout["k"], v_t)
-            elif reference and ref is not None:
-                k_r, v_r = (ref[x].expand(n, -1, -1, -1) for x in ("k", "v"))
-                keep = None
-                if not restricted:
-                    keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, key.shape[2]))
-                target_out = F.scaled_dot_product_attention(q_t, k_r, v_r, attn_mask=keep)
-            if blend and layout is not None:
-                mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]), target_out)
-                if mask is not None:
-                    target_out = mask * target_out + (1 - mask) * layout["out"]
-            out[rows] = target_out
+        rows, n = target.rows, target.per_half
+        layout = controller.source(layer, LAYOUT, query.device, here)[0] if early or blend else None
+        ref, restricted = controller.source(layer, REFERENCE, query.device, here) if reference else (None, False)
+        if early and layout is not None:
+            if plan.early_swap == "qkv":
+                target_out = layout["out"]
+            else:  # the layout's attention map on the target's own values
+                target_out = F.scaled_dot_product_attention(layout["q"], layout["k"], _take(value, rows))
+        elif reference and ref is not None:
+            keep = None
+            if not restricted:
+                keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, key.shape[2]))
+            target_out = F.scaled_dot_product_attention(_take(query, rows), _per_half(ref["k"], n),
+                                                        _per_half(ref["v"], n), attn_mask=keep)
+        else:
+            target_out = _take(out, rows)
+        if blend and layout is not None:
+            mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]), target_out)
+            if mask is not None:  # M * h_T + (1 - M) * h_L
+                target_out = torch.lerp(layout["out"], target_out, mask)
+        if rows.start == 0 and rows.stop == query.shape[0]:
+            return target_out
+        out[rows] = target_out
         return out
 
 
-def _plain_attention(query, key, value, skipped: list[tuple[int, int]]) -> torch.Tensor:
-    """SDPA over the batch, leaving the `skipped` row ranges uncomputed (their output is replaced)."""
+def _per_half(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """A source with one row per half (the reference), repeated for the target's n rows per half."""
+    if tensor.shape[0] == 2 * n:
+        return tensor
+    return tensor.repeat_interleave(n // (tensor.shape[0] // 2), dim=0)
+
+
+def _plain_attention(query, key, value, skipped: list[tuple[int, int]]) -> torch.Tensor | None:
+    """SDPA over the batch, leaving the `skipped` row ranges uncomputed (their output is replaced).
+
+    None when every row is skipped (a call of the target alone).
+    """
     if not skipped:
         return F.scaled_dot_product_attention(query, key, value)
+    if skipped == [(0, query.shape[0])]:
+        return None
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     start = 0
     for stop, after in [*sorted(skipped), (query.shape[0], query.shape[0])]:

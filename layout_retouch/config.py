@@ -93,15 +93,21 @@ class LayoutRetouchConfig:
     # Stage 1's UNet passes keep what the target borrows from the layout (early Q/K, blend-layer
     # outputs, both CFG halves), so Stage 2 does not run the layout path again...
     record_layout_features: bool = True
-    # ...when they fit in this many MiB (None: no limit); otherwise the layout path runs again.
-    layout_feature_budget_mb: float | None = 4096
-    # The reference path's K/V on its subject, per step and reference layer, computed once per concept
-    # (model weights, reference latents, prompt, schedule, size, layers) and reused for every prompt and seed...
+    # ...when they fit in this many MiB (None: no limit); otherwise the layout path runs again. [choice: 8 GiB
+    # holds 4 seeds of SD 1.x at 512 px in fp16 (5.4 GiB), which then wait in host memory; see below]
+    layout_feature_budget_mb: float | None = 8192
+    # The reference path's K/V on its subject, per step and reference layer, recorded in the first Stage 2
+    # of a concept and reused for every later prompt and seed (the key: model weights, reference latents,
+    # prompt, schedule, size, layers)...
     cache_reference_features: bool = True
     # ...when their upper-bound size fits in this many MiB (None: no limit); otherwise recomputed per call.
     reference_feature_budget_mb: float | None = 4096
-    # Keep recorded features in host memory and copy each to the device when used (GPU memory for time).
-    feature_offload: bool = False
+    # Where recorded features wait on an accelerator: True host memory (copied back when used), False its
+    # own memory, "auto" its own memory within device_feature_budget_mb (the reference first), the rest
+    # in host memory. Issue 6's goal is peak memory within 1.5x plain sampling; plain SD 1.x at 512 px in
+    # fp16 holds 5.7-6.0 GiB on an H100 (benchmarks/README.md), so 2 GiB of features keeps within it.
+    feature_offload: bool | Literal["auto"] = "auto"
+    device_feature_budget_mb: float | None = 2048
     # Skip the target's own self-attention where a swap replaces it.
     skip_replaced_attention: bool = True
 
@@ -120,6 +126,8 @@ class LayoutRetouchConfig:
             )
         if not 0.0 <= self.tau < 1.0:
             raise LayoutRetouchError(f"tau must lie in [0, 1), got {self.tau}")
+        if self.feature_offload not in (True, False, "auto"):
+            raise LayoutRetouchError(f"feature_offload must be true, false or 'auto', got {self.feature_offload!r}")
 
     # Derived values: one place that turns the config into step counts and layer rules.
     @property

@@ -32,13 +32,14 @@ from layout_retouch.layers import attention_layers, select_map_layers
 from layout_retouch.masks import box_and_peak, resize_mask
 from layout_retouch.models import ModelPair, load_model_pair
 from layout_retouch.prompts import SubjectPrompts, derive_prompts, subject_token_indices
-from layout_retouch.sampling import Conditioning, PathInput, attention_control, encode_text, guided_eps
+from layout_retouch.sampling import Conditioning, attention_control, encode_text
 from layout_retouch.segmenters import load_segmenter
 from layout_retouch.source_features import (
     LayoutRecorder,
     ReferenceFeatureCache,
     ReferenceRecorder,
     SourceFeatures,
+    feature_homes,
     fits,
     layout_feature_bytes,
     reference_feature_bytes,
@@ -152,7 +153,8 @@ class LayoutRetouchPipeline:
         if config.uses_reference:
             plan = build_plan(config, models.pipe.unet, swap_layout=config.uses_layout_path, swap_reference=True,
                               blend=config.uses_mask_blending)
-        layout_features = self.layout_feature_recorder(config, plan, latent_size, n)
+        homes = self.feature_homes(config, plan, latent_size, n)
+        layout_features = self.layout_feature_recorder(config, plan, latent_size, n, homes[1])
         layout_recorder = None
         if config.uses_mask_blending or save_intermediates or layout_features is not None:
             layers = attention_layers(models.pipe.unet)
@@ -188,10 +190,11 @@ class LayoutRetouchPipeline:
         controller = AttentionController(plan, latent_size=latent_size, keep_map_history=save_intermediates)
         if layout_features is not None:
             controller.features[LAYOUT] = layout_features.features
-        reference_features = self.reference_features(config, plan, cond.neutral, reference, latent_size,
-                                                     save_intermediates)
+        reference_features, reference_recorder = self.reference_features(
+            config, plan, cond.neutral, reference, latent_size, save_intermediates, homes[0])
         if reference_features is not None:
             controller.features[REFERENCE] = reference_features
+        controller.recorder = reference_recorder
         masks = None
         if config.uses_mask_blending:
             sam = self.segment_layouts(layout_images, layout_recorder.run_map(LAYOUT), latent_size, config)
@@ -200,7 +203,12 @@ class LayoutRetouchPipeline:
         with attention_control(models.unets(), controller):
             result = retouch(models, config, controller, RetouchConditioning(cond.vanilla, cond.personalized,
                                                                              cond.neutral),
-                             latents.clone(), timesteps, layout, reference, self.progress)
+                             latents.clone(), timesteps, layout, reference, self.progress,
+                             reference_from=reference_recorder.start if reference_recorder else 0)
+        if reference_recorder is not None:  # recorded in this Stage 2: every later prompt and seed reuses it
+            if save_intermediates:
+                reference_recorder.features.maps = controller.history.get(REFERENCE, [])
+            self._reference_cache.keep(reference_recorder.key, reference_recorder.features)
         output.images = self.decode(result, output_type)
         if masks is not None and masks.last:
             for name in ("m_ca", "m_sam", "cleaned", "union", "final"):
@@ -224,11 +232,24 @@ class LayoutRetouchPipeline:
             self._reference_feature_cache = ReferenceFeatureCache()
         return self._reference_feature_cache
 
-    def _feature_store_device(self, config: LayoutRetouchConfig) -> torch.device | None:
-        return torch.device("cpu") if config.feature_offload else None
+    def feature_homes(self, config: LayoutRetouchConfig, plan: ControlPlan | None, latent_size: tuple[int, int],
+                      images: int) -> tuple[torch.device | None, torch.device | None]:
+        """Where this call's recorded reference and layout features wait (source_features.feature_homes)."""
+        if plan is None:
+            return None, None
+        unet, element = self.models.pipe.unet, torch.empty((), dtype=self.dtype).element_size()
+        cached = self._reference_cache.features
+        if cached is not None:  # what the cache already holds on the device (it is replaced if stale)
+            reference = 0 if cached.store_device is not None else cached.nbytes
+        else:
+            reference = reference_feature_bytes(plan, unet, latent_size, config.num_inference_steps, element)
+        layout = layout_feature_bytes(plan, unet, latent_size, config.num_inference_steps, images, element)
+        return feature_homes(config.feature_offload, self.execution_device, reference, layout,
+                             config.device_feature_budget_mb)
 
     def layout_feature_recorder(self, config: LayoutRetouchConfig, plan: ControlPlan | None,
-                                latent_size: tuple[int, int], images: int) -> LayoutRecorder | None:
+                                latent_size: tuple[int, int], images: int,
+                                home: torch.device | None = None) -> LayoutRecorder | None:
         """A recorder for Stage 1 when Stage 2 will replay its trajectory and the features fit the budget."""
         if plan is None or not (config.uses_layout_path and config.record_layout_features
                                 and config.layout_source == "replay"):
@@ -237,52 +258,38 @@ class LayoutRetouchPipeline:
                                     torch.empty((), dtype=self.dtype).element_size())
         if not fits(size, config.layout_feature_budget_mb):
             return None
-        return LayoutRecorder(plan, self._feature_store_device(config))
+        return LayoutRecorder(plan, home)
 
     def reference_features(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
-                           reference: InversionTrajectory, latent_size: tuple[int, int],
-                           with_maps: bool = False) -> SourceFeatures | None:
-        """The reference path's K/V per step and layer, computed once per concept and cached in memory.
+                           reference: InversionTrajectory, latent_size: tuple[int, int], with_maps: bool = False,
+                           home: torch.device | None = None) -> tuple[SourceFeatures | None, ReferenceRecorder | None]:
+        """The reference path's K/V per step and layer: cached once per concept, or a recorder to fill the cache.
 
-        The key covers everything they depend on: the personalized UNet's weights, the reference's
-        inverted latents (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and
-        subject tokens, the plan's steps and layers, dtype, device and storage.
+        On a miss the reference runs inside this call's Stage 2 (from the step before S_ref, which lends
+        its subject map) and the recorder keeps what later calls need, so no separate pass runs. The key
+        covers everything they depend on: the personalized UNet's weights, the reference's inverted latents
+        (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and subject tokens, the
+        plan's steps and layers, dtype, device and where they are kept.
         """
         if not config.cache_reference_features or plan.ref_start is None:
-            return None
+            return None, None
         unet, _ = self.models.select(True)
         steps = len(reference.latents) - 1
         size = reference_feature_bytes(plan, unet, latent_size, steps, reference.latents[0].element_size())
         if not fits(size, config.reference_feature_budget_mb):
-            return None
-        start = 0 if with_maps else max(0, plan.ref_start - 1)  # the step before S_ref lends its subject map
+            return None, None
+        start = 0 if with_maps else max(0, plan.ref_start - 1)
         key = "|".join([
             weights_signature(unet), tensor_digest(*reference.latents, neutral.cond, neutral.uncond),
             str([int(t) for t in reference.timesteps]), str(neutral.tokens), str(latent_size), str(start),
             str(sorted(plan.ref_layers)), str(sorted(plan.map_layers)), str(plan.ref_start),
             str((plan.ref_subject_only, plan.ref_mask_threshold)), str(self.dtype), str(self.execution_device),
-            str(config.feature_offload),
+            str(home),
         ])
-        cache = self._reference_cache
-        found = cache.lookup(key)
+        found = self._reference_cache.lookup(key)
         if found is not None:
-            return found
-        recorder = ReferenceRecorder(plan, self._feature_store_device(config))
-        source_plan = ControlPlan(ref_start=plan.ref_start, ref_layers=plan.ref_layers, map_layers=plan.map_layers,
-                                  ref_subject_only=plan.ref_subject_only, ref_mask_threshold=plan.ref_mask_threshold)
-        controller = AttentionController(source_plan, latent_size=latent_size, keep_map_history=with_maps)
-        controller.recorder = recorder
-        timesteps = reference.timesteps
-        with attention_control(self.models.unets(), controller):
-            for k in range(start, steps):
-                controller.begin_step(k)
-                path = PathInput(REFERENCE, reference.latents[k], True, neutral)
-                guided_eps(self.models, [path], timesteps[k], config.guidance_scale, controller)
-            controller.finish_step()
-        if with_maps:
-            recorder.features.maps = controller.history.get(REFERENCE, [])
-        cache.keep(key, recorder.features)
-        return recorder.features
+            return found, None
+        return None, ReferenceRecorder(plan, home, key, start)
 
     def reference_reconstruction(self, reference: InversionTrajectory) -> Image.Image:
         """VAE decode of the reference's inverted clean latent, once per concept."""

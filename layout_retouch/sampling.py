@@ -13,14 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layout_retouch.attention_control import (
-    COND,
-    TARGET,
-    UNCOND,
-    AttentionController,
-    Segment,
-    install_processors,
-)
+from layout_retouch.attention_control import TARGET, AttentionController, PathRows, install_processors
 from layout_retouch.models import ModelPair
 
 
@@ -62,23 +55,20 @@ def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float
     result = {}
     for group in groups:
         unet, _ = pair.select(group[0].personalized)
-        latents = torch.cat([p.latents for p in group])
-        total = latents.shape[0]
-        segments, offset = [], 0
-        for p in group:
-            n = p.latents.shape[0]
-            segments += [Segment(p.role, UNCOND, offset, offset + n), Segment(p.role, COND, total + offset,
-                                                                               total + offset + n)]
-            offset += n
-        embeds = torch.cat([p.conditioning.uncond.expand(p.latents.shape[0], -1, -1) for p in group]
-                           + [p.conditioning.cond.expand(p.latents.shape[0], -1, -1) for p in group])
+        rows, offset = [], 0
+        for p in group:  # each path's unconditional half, then its conditional half
+            rows.append(PathRows(p.role, offset, offset + 2 * p.latents.shape[0]))
+            offset = rows[-1].stop
+        latents = torch.cat([x for p in group for x in (p.latents, p.latents)])
+        embeds = torch.cat([c.expand(p.latents.shape[0], -1, -1) for p in group
+                            for c in (p.conditioning.uncond, p.conditioning.cond)])
         if controller is not None:
             controller.subject_tokens.update({p.role: p.conditioning.tokens for p in group})
-            controller.begin_call(segments)
-        noise = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds).sample
-        for p, uncond_seg, cond_seg in zip(group, segments[0::2], segments[1::2], strict=True):
+            controller.begin_call(rows)
+        noise = unet(latents, t, encoder_hidden_states=embeds).sample
+        for p, path in zip(group, rows, strict=True):
             if p.wants_eps:
-                u, c = noise[uncond_seg.start:uncond_seg.stop], noise[cond_seg.start:cond_seg.stop]
+                u, c = noise[path.rows].chunk(2)
                 result[p.role] = u + guidance_scale * (c - u)
     if controller is not None:
         controller.begin_call([])

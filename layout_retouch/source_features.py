@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from layout_retouch.attention_control import LAYOUT, REFERENCE, ControlPlan, _layer_size
+from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.layers import LayerInfo, attention_layers
 
 MIB = 2**20
@@ -30,20 +31,23 @@ MIB = 2**20
 
 @dataclass
 class SourceFeatures:
-    """Per (step, layer, half) tensors of one source path; kept on `store_device`, served on demand."""
+    """Per (step, layer) tensors of one source path, rows: its unconditional half, then its conditional.
 
-    entries: dict[tuple[int, str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    Kept where they were computed, or on `store_device` (host memory) and copied back when used.
+    """
+
+    entries: dict[tuple[int, str], dict[str, torch.Tensor]] = field(default_factory=dict)
     store_device: torch.device | None = None  # None: keep where computed; "cpu": host offload
     maps: list[torch.Tensor] = field(default_factory=list)  # the path's per-step subject maps (intermediates)
     keys_restricted: bool = False  # keys already limited to the subject: no key mask to apply
 
-    def put(self, step: int, layer: str, half: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, step: int, layer: str, tensors: dict[str, torch.Tensor]) -> None:
         if self.store_device is not None:
             tensors = {k: v.to(self.store_device, non_blocking=True) for k, v in tensors.items()}
-        self.entries[(step, layer, half)] = tensors
+        self.entries[(step, layer)] = tensors
 
-    def get(self, step: int, layer: str, half: str, device: torch.device) -> dict[str, torch.Tensor] | None:
-        found = self.entries.get((step, layer, half))
+    def get(self, step: int, layer: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+        found = self.entries.get((step, layer))
         if found is None or self.store_device is None:
             return found
         return {k: v.to(device, non_blocking=True) for k, v in found.items()}
@@ -54,42 +58,48 @@ class SourceFeatures:
 
 
 class LayoutRecorder:
-    """Called by Stage 1's processors: keeps the layout tensors Stage 2's plan will ask for."""
+    """Called by Stage 1's processors: keeps the layout tensors Stage 2's plan will ask for.
+
+    Stage 1's calls hold the layout's rows alone, so what is kept is the call's own tensors, not copies.
+    """
 
     def __init__(self, plan: ControlPlan, store_device: torch.device | None = None):
         self.plan = plan
         self.features = SourceFeatures(store_device=store_device)
 
-    def __call__(self, controller, layer: LayerInfo, role: str, half: str, q, k, v, out) -> None:
+    def __call__(self, controller, layer: LayerInfo, role: str, tensors) -> None:
         if role != LAYOUT:
             return
         step, plan, kept = controller.step, self.plan, {}
         if plan.early_at(step):
             if plan.early_swap == "qkv":
-                kept["out"] = out
+                kept["out"] = tensors["out"]
             else:
-                kept.update(q=q, k=k)
+                kept.update(q=tensors["q"], k=tensors["k"])
         if plan.blend_at(step, layer.name):
-            kept["out"] = out
+            kept["out"] = tensors["out"]
         if kept:
-            self.features.put(step, layer.name, half, {name: t.contiguous() for name, t in kept.items()})
+            self.features.put(step, layer.name, kept)
 
 
 class ReferenceRecorder:
-    """Called by the reference-only pass: keeps K, V on the reference's subject at reference layers."""
+    """Called where the reference path runs: keeps K, V on the reference's subject at reference layers."""
 
-    def __init__(self, plan: ControlPlan, store_device: torch.device | None = None):
+    def __init__(self, plan: ControlPlan, store_device: torch.device | None = None, key: str = "", start: int = 0):
         self.plan = plan
         self.features = SourceFeatures(store_device=store_device, keys_restricted=True)
+        self.key = key  # what the features are computed from (the cache's key)
+        self.start = start  # the first step the reference path must run for them
 
-    def __call__(self, controller, layer: LayerInfo, role: str, half: str, q, k, v, out) -> None:
+    def __call__(self, controller, layer: LayerInfo, role: str, tensors) -> None:
         if role != REFERENCE or not self.plan.reference_at(controller.step, layer.name):
             return
+        k, v = tensors["k"], tensors["v"]
         keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, k.shape[2]))
         if keep is not None:  # dropping masked keys is what the -inf mask does to the softmax
             index = keep.flatten().nonzero().flatten()
             k, v = k.index_select(2, index), v.index_select(2, index)
-        self.features.put(controller.step, layer.name, half, {"k": k.contiguous(), "v": v.contiguous()})
+        self.features.put(controller.step, layer.name, {"k": k.contiguous(), "v": v.contiguous()})
 
 
 # --- memory estimates, made before anything is recorded
@@ -130,6 +140,30 @@ def reference_feature_bytes(plan: ControlPlan, unet, latent_size, steps: int, el
 
 def fits(nbytes: int, budget_mb: float | None) -> bool:
     return budget_mb is None or nbytes <= budget_mb * MIB
+
+
+HOST = torch.device("cpu")
+
+
+def feature_homes(offload: bool | str, device: torch.device, reference_bytes: int, layout_bytes: int,
+                  device_budget_mb: float | None) -> tuple[torch.device | None, torch.device | None]:
+    """Where the recorded reference and layout features live: None (the device that computed them) or host.
+
+    "auto" keeps them in an accelerator's memory within `device_budget_mb`, the reference first (it serves
+    every image of the concept), and sends the rest to host memory, to be copied back step by step.
+    `reference_bytes` counts only what the device would hold. On a CPU "auto" has nowhere else to go.
+    """
+    if offload is True:
+        return HOST, HOST
+    if offload is not False and offload != "auto":
+        raise LayoutRetouchError(f"feature_offload must be true, false or 'auto', got {offload!r}")
+    if offload is False or torch.device(device).type == "cpu":
+        return None, None
+    room = float("inf") if device_budget_mb is None else device_budget_mb * MIB
+    reference_home = None if reference_bytes <= room else HOST
+    if reference_home is None:
+        room -= reference_bytes
+    return reference_home, None if layout_bytes <= room else HOST
 
 
 # --- cache keys

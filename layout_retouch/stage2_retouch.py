@@ -63,11 +63,13 @@ def retouch(
     layout: LayoutTrajectory | None,
     reference: InversionTrajectory | None,
     progress: bool = True,
+    reference_from: int = 0,
 ) -> torch.Tensor:
     """Denoise the target with the reference and layout paths beside it; return its clean latent.
 
     Without a layout path (ablation III) the target itself follows Stage 1's model schedule. A source
-    whose tensors the controller already holds (`controller.features`, source_features.py) is not run.
+    whose tensors the controller already holds (`controller.features`, source_features.py) is not run;
+    the reference path runs from step `reference_from` on (earlier steps do not borrow from it).
     """
     scheduler = pair.scheduler
     vanilla_steps = config.num_vanilla_steps
@@ -75,7 +77,7 @@ def retouch(
     for k, t in enumerate(tqdm(timesteps, desc="stage 2 retouch", disable=not progress, leave=False)):
         controller.begin_step(k)
         paths = []
-        if reference is not None and REFERENCE not in controller.features:
+        if reference is not None and REFERENCE not in controller.features and k >= reference_from:
             paths.append(PathInput(REFERENCE, reference.latents[k], True, conditioning.neutral))
         layout_model, layout_cond = layout_conditioning(k, vanilla_steps, conditioning.vanilla,
                                                         conditioning.personalized)

@@ -12,7 +12,9 @@ from PIL import Image
 
 import layout_retouch.attention_control as attention_control
 from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.pipeline import LayoutRetouchPipeline
+from layout_retouch.source_features import HOST, feature_homes
 
 STEPS = 6
 TINY = dict(num_inference_steps=STEPS, mask_attention_resolution=0.5, segmenter="none", ref_start_step=2)
@@ -39,15 +41,16 @@ def lora_pipe(tiny_dir):
 
 
 class RowCounter:
-    """Batch rows through every UNet of a pipeline (a forward pre-hook), i.e. the paths that really ran."""
+    """Batch rows and calls through every UNet of a pipeline (a forward pre-hook): the paths that really ran."""
 
     def __init__(self, pipe):
-        self.rows = 0
+        self.rows = self.calls = 0
         unets = {id(u): u for u in pipe.models.unets()}.values()
         self.handles = [u.register_forward_pre_hook(self.count) for u in unets]
 
     def count(self, module, args):
         self.rows += args[0].shape[0]
+        self.calls += 1
 
     def __enter__(self):
         return self
@@ -137,6 +140,8 @@ def test_recorded_sources_do_not_run_again(pipe, tmp_path):
     reference_pass = (STEPS - (TINY["ref_start_step"] - 1)) * 2  # once, from the step before S_ref
     assert fast.rows == inversion + reference_pass + 2 * (stage1 + STEPS * 2 * n)
     assert pipe._reference_cache.computed == 1
+    # ... inside the first prompt's Stage 2 calls: one call per step and stage, no separate reference pass.
+    assert fast.calls == inversion + 2 * (STEPS + STEPS)
 
 
 def test_over_budget_falls_back_to_running_the_paths(pipe, tmp_path):
@@ -205,3 +210,16 @@ def test_reference_cache_is_invalidated_by_model_image_steps_and_size(pipe, tmp_
             weight.copy_(saved)
     generate(pipe, tmp_path, method="V", reference=flipped)
     assert cache.computed == 6  # back to the old weights: other storage version, recomputed (never stale)
+
+
+def test_features_wait_on_the_device_within_its_budget_then_in_host_memory():
+    cuda, mib = torch.device("cuda"), 2**20
+    assert feature_homes("auto", torch.device("cpu"), 10 * mib, 10 * mib, 1) == (None, None)  # nowhere else
+    assert feature_homes("auto", cuda, 1 * mib, 2 * mib, 4) == (None, None)
+    assert feature_homes("auto", cuda, 1 * mib, 4 * mib, 4) == (None, HOST)  # the reference first
+    assert feature_homes("auto", cuda, 5 * mib, 2 * mib, 4) == (HOST, None)
+    assert feature_homes("auto", cuda, 5 * mib, 2 * mib, None) == (None, None)
+    assert feature_homes(True, torch.device("cpu"), 0, 0, None) == (HOST, HOST)
+    assert feature_homes(False, cuda, 5 * mib, 5 * mib, 0) == (None, None)
+    with pytest.raises(LayoutRetouchError, match="feature_offload"):
+        feature_homes("sometimes", cuda, 0, 0, None)

@@ -9,15 +9,13 @@ from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from layout_retouch.attention_control import (
-    COND,
     LAYOUT,
     REFERENCE,
     TARGET,
-    UNCOND,
     AttentionController,
     ControlPlan,
     LayoutRetouchAttnProcessor,
-    Segment,
+    PathRows,
     build_plan,
 )
 from layout_retouch.config import LayoutRetouchConfig
@@ -168,9 +166,7 @@ def _target_noise(pipe, controller, paths, t):
         guided_eps(pipe.models, paths, t, 7.5, controller)
     finally:
         handle.remove()
-    segs = {(s.role, s.half): s for s in controller.last_segments}
-    u, c = segs[(TARGET, UNCOND)], segs[(TARGET, COND)]
-    return captured["out"][u.start:u.stop], captured["out"][c.start:c.stop]
+    return captured["out"][controller.last_paths[TARGET].rows].chunk(2)
 
 
 @pytest.mark.parametrize("step", [0, 3])  # early map swap; reference swap with mask blending
@@ -207,17 +203,17 @@ def test_reference_background_keys_get_zero_weight():
     subject = torch.zeros(1, 4, 4)
     subject[:, :, :2] = 1.0  # the reference's subject: the left half
     controller.previous_maps[REFERENCE] = subject
-    controller.begin_call([Segment(REFERENCE, COND, 0, 1), Segment(TARGET, COND, 1, 3)])
+    controller.begin_call([PathRows(REFERENCE, 0, 2), PathRows(TARGET, 2, 6)])  # halves side by side
     processor = LayoutRetouchAttnProcessor(controller, layer)
-    hidden = torch.randn(3, 16, 8)
+    hidden = torch.randn(6, 16, 8)
     out = processor(attn, hidden)
     background = torch.tensor([[False, False, True, True]] * 4).flatten()
     changed = hidden.clone()
-    changed[0, background] += 5 * torch.randn(int(background.sum()), 8)
-    assert torch.allclose(processor(attn, changed)[1:], out[1:], atol=1e-6)  # target untouched
+    changed[:2, background] += 5 * torch.randn(2, int(background.sum()), 8)
+    assert torch.allclose(processor(attn, changed)[2:], out[2:], atol=1e-6)  # target untouched
     changed = hidden.clone()
-    changed[0, ~background] += 5 * torch.randn(int((~background).sum()), 8)
-    assert not torch.allclose(processor(attn, changed)[1:], out[1:], atol=1e-3)
+    changed[:2, ~background] += 5 * torch.randn(2, int((~background).sum()), 8)
+    assert not torch.allclose(processor(attn, changed)[2:], out[2:], atol=1e-3)
 
 
 def test_processor_without_control_matches_diffusers_default():
