@@ -1,5 +1,6 @@
 """GPU checks the CPU suite cannot make: every method and personalization kind runs on CUDA, in fp16,
-and with model offload gives the images it gives without (run on a machine with a GPU).
+and with model offload, with recorded features kept in host memory, and with every optimization off,
+gives the images it gives by default (run on a machine with a GPU).
 
     python benchmarks/gpu_checks.py [--device cuda]
 """
@@ -19,8 +20,16 @@ PERSONALIZED = {"dreambooth": ("sks_star_dreambooth", "sks"), "lora": ("sks_star
                 "textual_inversion": ("sks_star_ti", "<sks>")}
 
 
-def run(pipe, token: str, method: str, cache: str):
-    config = LayoutRetouchConfig(method=method, num_inference_steps=10, inversion_cache_dir=cache, **TOY_METHOD)
+# Variants of the full method that must give its default images: features in host memory, and the
+# straightforward implementation (every optimization off).
+SAME_IMAGES = {"features on host": dict(feature_offload=True),
+               "straightforward": dict(record_layout_features=False, cache_reference_features=False,
+                                       skip_replaced_attention=False)}
+
+
+def run(pipe, token: str, method: str, cache: str, **overrides):
+    config = LayoutRetouchConfig(method=method, num_inference_steps=10, inversion_cache_dir=cache,
+                                 **{**TOY_METHOD, **overrides})
     generator = [torch.Generator().manual_seed(s) for s in range(2)]
     reference = TOY_MODELS / "references" / "sks_star_00.png"
     return pipe(f"a photo of a {token} star on the beach", reference_image=reference, config=config,
@@ -50,8 +59,17 @@ def main() -> int:
                 except Exception as err:  # report every failure, not just the first
                     print(f"{kind:18s} {str(dtype):14s} {method:3s} FAILED: {type(err).__name__}: {err}")
                     failures += 1
+            reference = run(on_device, token, "V", args.cache)
+            for name, overrides in SAME_IMAGES.items():
+                try:
+                    on_device.clear_feature_cache()
+                    diff = (run(on_device, token, "V", args.cache, **overrides) - reference).abs().max().item()
+                    print(f"{kind:18s} {str(dtype):14s} V   {name} max|diff|={diff:.2e}")
+                    failures += diff > (1e-3 if dtype == torch.float32 else 5e-2)
+                except Exception as err:
+                    print(f"{kind:18s} {str(dtype):14s} V   {name} FAILED: {type(err).__name__}: {err}")
+                    failures += 1
             try:
-                reference = run(on_device, token, "V", args.cache)
                 offloaded = load(folder, token, dtype)
                 offloaded.enable_model_cpu_offload(args.device)
                 diff = (run(offloaded, token, "V", args.cache) - reference).abs().max().item()

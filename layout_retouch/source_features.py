@@ -183,9 +183,9 @@ def weights_signature(*modules: torch.nn.Module) -> str:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             digest.update(f"{name}|{tensor.data_ptr()}|{tensor._version}|{tuple(tensor.shape)}|{tensor.dtype}|"
                           f"{tensor.device}".encode())
-            samples.append(tensor.detach().flatten()[:8].float())
-    if samples:
-        digest.update(torch.cat(samples).cpu().numpy().tobytes())
+            samples.append(tensor.detach().reshape(-1)[:8])
+    if samples:  # one copy to the host for all of them, not one per tensor
+        digest.update(torch.cat(samples).float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
