@@ -59,6 +59,7 @@ def main() -> int:
                 except Exception as err:  # report every failure, not just the first
                     print(f"{kind:18s} {str(dtype):14s} {method:3s} FAILED: {type(err).__name__}: {err}")
                     failures += 1
+            on_device.clear_feature_cache()  # every run below records the reference in its first Stage 2
             reference = run(on_device, token, "V", args.cache)
             for name, overrides in SAME_IMAGES.items():
                 try:
