@@ -296,11 +296,12 @@ class LayoutRetouchAttnProcessor:
         replacer = LAYOUT if early else REFERENCE
         replaced = (target is not None and plan.skip_replaced and (early or reference)
                     and controller.has_source(layer, replacer))
-        out = _plain_attention(query, key, value, [(target.start, target.stop)] if replaced else [])
+        out = _plain_attention(query, key, value, target.rows if replaced else None)
         here = {}  # what the target takes from the sources of this call (or of a later call of this step)
+        tensors = {"q": query, "k": key, "v": value, "out": out}
         for path in controller.paths.values():
             if path.role != TARGET:
-                here[path.role] = SourceRows({"q": query, "k": key, "v": value, "out": out}, path.rows)
+                here[path.role] = SourceRows(tensors, path.rows)
                 if controller.recorder is not None:
                     controller.recorder(controller, layer, path.role, here[path.role])
         if target is None:
@@ -340,21 +341,20 @@ def _per_half(tensor: torch.Tensor, n: int) -> torch.Tensor:
     return tensor.repeat_interleave(n // (tensor.shape[0] // 2), dim=0)
 
 
-def _plain_attention(query, key, value, skipped: list[tuple[int, int]]) -> torch.Tensor | None:
-    """SDPA over the batch, leaving the `skipped` row ranges uncomputed (their output is replaced).
+def _plain_attention(query, key, value, skipped: slice | None) -> torch.Tensor | None:
+    """SDPA over the batch, leaving the `skipped` rows uncomputed (their output is replaced).
 
     None when every row is skipped (a call of the target alone).
     """
-    if not skipped:
+    if skipped is None:
         return F.scaled_dot_product_attention(query, key, value)
-    if skipped == [(0, query.shape[0])]:
+    batch = query.shape[0]
+    if skipped.start == 0 and skipped.stop == batch:
         return None
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
-    start = 0
-    for stop, after in [*sorted(skipped), (query.shape[0], query.shape[0])]:
-        if stop > start:
-            out[start:stop] = F.scaled_dot_product_attention(query[start:stop], key[start:stop], value[start:stop])
-        start = max(start, after)
+    for rows in (slice(0, skipped.start), slice(skipped.stop, batch)):
+        if rows.stop > rows.start:
+            out[rows] = F.scaled_dot_product_attention(query[rows], key[rows], value[rows])
     return out
 
 
