@@ -51,7 +51,8 @@ from layout_retouch.pipeline import LayoutRetouchPipeline  # noqa: E402
 PROMPTS = ("a sks dog in the snow", "a sks dog on the beach", "a sks dog at night", "a photo of a sks dog in a bucket")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Config fields that switch each optimization off: the straightforward implementation of the spec.
-STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False)
+STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False,
+                       share_inversion_calls=False)
 LORA_RANK = 4  # a typical DreamBooth-LoRA rank
 SEED = 42  # the paper's seed; the s-th seed of a prompt is SEED + s
 

@@ -20,11 +20,14 @@ from layout_retouch.layers import LayerInfo, attention_layers, select_decoder_la
 from layout_retouch.masks import resize_mask, threshold_map
 
 REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
+INVERSION = "inversion"  # the reference being inverted in Stage 1's calls: lends nothing, borrows nothing
 
 
 @dataclass(frozen=True)
 class PathRows:
     """A path's rows in a UNet call's batch: its unconditional half, then its conditional half.
+
+    (An unguided path, the inversion, has conditional rows only; no rule reads its halves.)
 
     Keeping each path's halves side by side lets the target borrow from a source with one batched
     operation (the halves pair up row for row) and lets a recorder keep a source without copying it.
@@ -211,6 +214,13 @@ class SourceRows:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return _take(self.tensors[name], self.rows)
+
+    def own(self, name: str) -> torch.Tensor:
+        """The rows in storage of their own, for keeping past the call without the other paths' rows."""
+        whole = self.tensors[name]
+        if self.rows.start == 0 and self.rows.stop == whole.shape[0]:
+            return whole
+        return whole[self.rows].clone(memory_format=torch.contiguous_format)
 
 
 def _take(tensor: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -110,6 +110,9 @@ class LayoutRetouchConfig:
     device_feature_budget_mb: float | None = 2048
     # Skip the target's own self-attention where a swap replaces it.
     skip_replaced_attention: bool = True
+    # The reference's DDIM inversion (when not cached on disk) takes its steps inside Stage 1's UNet calls,
+    # a timestep per batch row: a concept's first image costs T_l inversion calls instead of T.
+    share_inversion_calls: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with outputs
 

@@ -64,25 +64,59 @@ def encode_image(vae, image: Image.Image) -> torch.Tensor:
     return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
+class DDIMInversion:
+    """DDIM run backwards (eta 0, no guidance) one step at a time, from the clean latent up through `timesteps`.
+
+    Stepwise, so that its UNet evaluations can ride in another loop's calls (Stage 1's, which walks the
+    same timesteps the other way: the UNet takes a timestep per batch row).
+    """
+
+    def __init__(self, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor):
+        self.alphas = scheduler.alphas_cumprod.to(latent.device)
+        self.final = scheduler.final_alpha_cumprod.to(latent.device)
+        self.timesteps = timesteps
+        self.embedding = embedding
+        self.states = [latent]
+
+    @property
+    def done(self) -> bool:
+        return len(self.states) > len(self.timesteps)
+
+    @property
+    def index(self) -> int:
+        """The position in `timesteps` of the next step (they are walked from the last to the first)."""
+        return len(self.timesteps) - len(self.states)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.timesteps[self.index]
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.states[-1]
+
+    def advance(self, eps: torch.Tensor) -> None:
+        """Take the step with the UNet's noise prediction for `latent` at `timestep`."""
+        i, x = self.index, self.latent
+        a_next = self.alphas[int(self.timesteps[i])]  # noisier: where this step lands
+        a_prev = self.alphas[int(self.timesteps[i + 1])] if i + 1 < len(self.timesteps) else self.final  # where x is
+        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+        self.states.append(a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps)
+
+    @torch.no_grad()
+    def run(self, unet, progress: bool = True) -> InversionTrajectory:
+        """Take the steps not yet taken, each in a UNet call of its own."""
+        remaining = len(self.timesteps) + 1 - len(self.states)
+        for _ in tqdm(range(remaining), desc="invert reference", disable=not progress or not remaining, leave=False):
+            self.advance(unet(self.latent, self.timestep, encoder_hidden_states=self.embedding).sample)
+        return InversionTrajectory(self.states[::-1], self.timesteps)
+
+
 @torch.no_grad()
 def ddim_invert(unet, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor,
                 progress: bool = True) -> InversionTrajectory:
     """Run DDIM backwards (eta 0, no guidance) from the clean latent up through `timesteps`."""
-    alphas = scheduler.alphas_cumprod.to(latent.device)
-    final = scheduler.final_alpha_cumprod.to(latent.device)
-    ts = list(timesteps)
-    states = [latent]
-    x = latent
-    for i in tqdm(reversed(range(len(ts))), total=len(ts), desc="invert reference", disable=not progress,
-                  leave=False):
-        t = ts[i]
-        a_next = alphas[int(t)]  # noisier: where this inversion step lands
-        a_prev = alphas[int(ts[i + 1])] if i + 1 < len(ts) else final  # where x is now
-        eps = unet(x, t, encoder_hidden_states=embedding).sample
-        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
-        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        states.append(x)
-    return InversionTrajectory(states[::-1], timesteps)
+    return DDIMInversion(scheduler, latent, timesteps, embedding).run(unet, progress)
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

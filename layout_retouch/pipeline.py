@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from layout_retouch.attention_control import (
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import (
+    DDIMInversion,
     InversionCache,
     InversionTrajectory,
     ddim_invert,
@@ -61,6 +63,14 @@ class LayoutRetouchOutput(BaseOutput):
     reference_reconstruction: Image.Image | None = None  # VAE decode of its inverted clean latent
     masks: dict = field(default_factory=dict)  # name -> (n, H_lat, W_lat) arrays: m_ca, m_sam, union, final
     attention_maps: dict = field(default_factory=dict)  # role -> (steps, n, h, w) subject maps
+
+
+class PendingInversion(NamedTuple):
+    """A reference inversion still to run, and where its result is cached."""
+
+    steps: DDIMInversion
+    cache: InversionCache
+    key: str
 
 
 class LayoutRetouchPipeline:
@@ -139,7 +149,7 @@ class LayoutRetouchPipeline:
             )
 
         prompts = self.derive_prompts(prompt)
-        cond = self.encode_prompts(prompts)
+        cond = self.encode_prompts(prompts, config)
         scheduler = models.scheduler
         scheduler.set_timesteps(config.num_inference_steps, device=self.execution_device)
         timesteps = scheduler.timesteps
@@ -147,6 +157,12 @@ class LayoutRetouchPipeline:
             shape = (n, models.pipe.unet.config.in_channels, *latent_size)
             latents = randn_tensor(shape, generator=generator, device=self.execution_device, dtype=self.dtype)
             latents = latents * scheduler.init_noise_sigma
+
+        # The reference photo, inverted now if cached, else alongside Stage 1 (its calls carry the steps).
+        ref_image = reference = inversion = None
+        if config.uses_reference:
+            ref_image = load_reference_image(reference_image, (height, width))
+            reference, inversion = self.start_reference_inversion(ref_image, timesteps, config)
 
         # Stage 1: the layout (the result itself for ablations I and II).
         plan = None
@@ -168,7 +184,8 @@ class LayoutRetouchPipeline:
             with attention_control(models.unets(), layout_recorder):
                 trajectory = step_blended_denoise(
                     models, latents, timesteps, config.num_vanilla_steps, cond.vanilla, cond.personalized,
-                    config.guidance_scale, config.eta, layout_recorder, self.progress)
+                    config.guidance_scale, config.eta, layout_recorder, self.progress,
+                    inversion.steps if inversion is not None and config.share_inversion_calls else None)
         layout_images = self.decode(trajectory.latents[-1], "pil") if trajectory is not None else None
         output = LayoutRetouchOutput(images=[], layout_images=layout_images, prompts=prompts,
                                      config=config.to_dict(), trajectory=trajectory)
@@ -180,8 +197,8 @@ class LayoutRetouchPipeline:
             return output
 
         # Stage 2: retouch with the reference's appearance.
-        ref_image = load_reference_image(reference_image, (height, width))
-        reference = self.invert_reference(ref_image, timesteps, config)
+        if inversion is not None:  # the steps Stage 1 did not carry
+            reference = self.finish_reference_inversion(inversion)
         output.reference_image = ref_image
         output.reference_reconstruction = self.reference_reconstruction(reference)
         layout = None
@@ -201,10 +218,8 @@ class LayoutRetouchPipeline:
             masks = MaskBuilder(sam, config, latent_size)
             controller.blend_mask_fn = masks
         with attention_control(models.unets(), controller):
-            result = retouch(models, config, controller, RetouchConditioning(cond.vanilla, cond.personalized,
-                                                                             cond.neutral),
-                             latents.clone(), timesteps, layout, reference, self.progress,
-                             reference_from=reference_recorder.start if reference_recorder else 0)
+            result = retouch(models, config, controller, cond, latents.clone(), timesteps, layout, reference,
+                             self.progress, reference_from=reference_recorder.start if reference_recorder else 0)
         if reference_recorder is not None:  # recorded in this Stage 2: every later prompt and seed reuses it
             if save_intermediates:
                 reference_recorder.features.maps = controller.history.get(REFERENCE, [])
@@ -307,21 +322,30 @@ class LayoutRetouchPipeline:
             raise LayoutRetouchError("a class word is needed with a personal token (e.g. --class-word dog)")
         return derive_prompts(prompt, self.models.token, self.models.class_word)
 
-    def encode_prompts(self, prompts: SubjectPrompts) -> RetouchConditioning:
+    def encode_prompts(self, prompts: SubjectPrompts, config: LayoutRetouchConfig | None = None
+                       ) -> RetouchConditioning:
+        """Each prompt through its model's text encoder; with a config, only the prompts that run reads.
+
+        The empty prompt (the unconditional half) is encoded once per text encoder and switch state.
+        """
         models = self.models
         token = models.expand_prompt(models.token) if models.token else None
         subject = [w for w in (token, models.class_word) if w]
+        unconditional = {}
 
         def encode(text: str, personalized: bool) -> Conditioning:
             _, text_encoder = models.select(personalized)
+            state = (id(text_encoder), personalized if models.switch is not None else None)
+            if state not in unconditional:
+                unconditional[state] = encode_text(models.tokenizer, text_encoder, "")
             text = models.expand_prompt(text)
-            return Conditioning(encode_text(models.tokenizer, text_encoder, text),
-                                encode_text(models.tokenizer, text_encoder, ""),
+            return Conditioning(encode_text(models.tokenizer, text_encoder, text), unconditional[state],
                                 subject_token_indices(models.tokenizer, text, subject))
 
-        return RetouchConditioning(vanilla=encode(prompts.vanilla, False),
-                                   personalized=encode(prompts.personalized, True),
-                                   neutral=encode(prompts.neutral, True))
+        return RetouchConditioning(
+            vanilla=encode(prompts.vanilla, False) if config is None or config.num_vanilla_steps else None,
+            personalized=encode(prompts.personalized, True),
+            neutral=encode(prompts.neutral, True) if config is None or config.uses_reference else None)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         if output_type == "latent":
@@ -339,6 +363,12 @@ class LayoutRetouchPipeline:
     def invert_reference(self, image: Image.Image, timesteps: torch.Tensor,
                          config: LayoutRetouchConfig) -> InversionTrajectory:
         """DDIM-invert the reference on the personalized model, through the on-disk cache."""
+        reference, inversion = self.start_reference_inversion(image, timesteps, config)
+        return reference if inversion is None else self.finish_reference_inversion(inversion)
+
+    def start_reference_inversion(self, image: Image.Image, timesteps: torch.Tensor, config: LayoutRetouchConfig
+                                  ) -> tuple[InversionTrajectory | None, PendingInversion | None]:
+        """The cached inversion of the reference, or one to run (with the cache and key it goes to)."""
         models = self.models
         unet, text_encoder = models.select(True)
         cache = InversionCache(config.inversion_cache_dir)
@@ -347,11 +377,16 @@ class LayoutRetouchPipeline:
         key = cache.key(self._fingerprint, image, timesteps, config.inversion_prompt, models.scheduler.config)
         cached = cache.load(key, self.execution_device, self.dtype)
         if cached is not None:
-            return cached
+            return cached, None
         latent = encode_image(models.vae, image).to(self.dtype)
         embedding = encode_text(models.tokenizer, text_encoder, config.inversion_prompt)
-        trajectory = ddim_invert(unet, models.scheduler, latent, timesteps, embedding, self.progress)
-        cache.save(key, trajectory)
+        return None, PendingInversion(DDIMInversion(models.scheduler, latent, timesteps, embedding), cache, key)
+
+    def finish_reference_inversion(self, pending: PendingInversion) -> InversionTrajectory:
+        """Take the inversion's remaining steps (all of them if nothing carried it) and cache the result."""
+        unet, _ = self.models.select(True)
+        trajectory = pending.steps.run(unet, self.progress)
+        pending.cache.save(pending.key, trajectory)
         return trajectory
 
     def invert_layout(self, trajectory: LayoutTrajectory, timesteps: torch.Tensor) -> LayoutTrajectory:

@@ -40,6 +40,8 @@ class PathInput:
     personalized: bool  # which model runs it
     conditioning: Conditioning
     wants_eps: bool = False  # replayed paths (reference, layout) only lend their attention
+    guided: bool = True  # False: conditional rows only, and the raw noise prediction back (an inversion)
+    timestep: torch.Tensor | None = None  # its own timestep where it is not the call's (an inversion)
 
 
 @torch.no_grad()
@@ -57,17 +59,24 @@ def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float
         unet, _ = pair.select(group[0].personalized)
         rows, offset = [], 0
         for p in group:  # each path's unconditional half, then its conditional half
-            rows.append(PathRows(p.role, offset, offset + 2 * p.latents.shape[0]))
+            rows.append(PathRows(p.role, offset, offset + (2 if p.guided else 1) * p.latents.shape[0]))
             offset = rows[-1].stop
-        latents = torch.cat([x for p in group for x in (p.latents, p.latents)])
+        latents = torch.cat([x for p in group for x in ((p.latents, p.latents) if p.guided else (p.latents,))])
         embeds = torch.cat([c.expand(p.latents.shape[0], -1, -1) for p in group
-                            for c in (p.conditioning.uncond, p.conditioning.cond)])
+                            for c in ((p.conditioning.uncond, p.conditioning.cond) if p.guided
+                                      else (p.conditioning.cond,))])
+        timesteps = t
+        if any(p.timestep is not None for p in group):  # one timestep per row
+            timesteps = torch.cat([torch.as_tensor(t if p.timestep is None else p.timestep, device=latents.device)
+                                   .reshape(1).expand(r.stop - r.start) for p, r in zip(group, rows, strict=True)])
         if controller is not None:
             controller.subject_tokens.update({p.role: p.conditioning.tokens for p in group})
             controller.begin_call(rows)
-        noise = unet(latents, t, encoder_hidden_states=embeds).sample
+        noise = unet(latents, timesteps, encoder_hidden_states=embeds).sample
         for p, path in zip(group, rows, strict=True):
-            if p.wants_eps:
+            if p.wants_eps and not p.guided:
+                result[p.role] = noise[path.rows]
+            elif p.wants_eps:
                 u, c = noise[path.rows].chunk(2)
                 result[p.role] = u + guidance_scale * (c - u)
     if controller is not None:

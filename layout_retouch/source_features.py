@@ -60,7 +60,8 @@ class SourceFeatures:
 class LayoutRecorder:
     """Called by Stage 1's processors: keeps the layout tensors Stage 2's plan will ask for.
 
-    Stage 1's calls hold the layout's rows alone, so what is kept is the call's own tensors, not copies.
+    Where a call holds the layout's rows alone, what is kept is the call's own tensors, not copies; where
+    the reference's inversion rides along, copies of the layout's rows (the inversion's are not kept).
     """
 
     def __init__(self, plan: ControlPlan, store_device: torch.device | None = None):
@@ -73,11 +74,11 @@ class LayoutRecorder:
         step, plan, kept = controller.step, self.plan, {}
         if plan.early_at(step):
             if plan.early_swap == "qkv":
-                kept["out"] = tensors["out"]
+                kept["out"] = tensors.own("out")
             else:
-                kept.update(q=tensors["q"], k=tensors["k"])
+                kept.update(q=tensors.own("q"), k=tensors.own("k"))
         if plan.blend_at(step, layer.name):
-            kept["out"] = tensors["out"]
+            kept["out"] = tensors.own("out")
         if kept:
             self.features.put(step, layer.name, kept)
 
@@ -94,11 +95,12 @@ class ReferenceRecorder:
     def __call__(self, controller, layer: LayerInfo, role: str, tensors) -> None:
         if role != REFERENCE or not self.plan.reference_at(controller.step, layer.name):
             return
-        k, v = tensors["k"], tensors["v"]
-        keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, k.shape[2]))
-        if keep is not None:  # dropping masked keys is what the -inf mask does to the softmax
+        keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, tensors["k"].shape[2]))
+        if keep is None:
+            k, v = tensors.own("k"), tensors.own("v")
+        else:  # dropping masked keys is what the -inf mask does to the softmax (index_select copies)
             index = keep.flatten().nonzero().flatten()
-            k, v = k.index_select(2, index), v.index_select(2, index)
+            k, v = tensors["k"].index_select(2, index), tensors["v"].index_select(2, index)
         self.features.put(controller.step, layer.name, {"k": k.contiguous(), "v": v.contiguous()})
 
 

@@ -2,7 +2,9 @@
 
 For the first `T_l` steps the vanilla model denoises P_v (no personal token): the coarse layout
 comes from the base model's diversity. From step `T_l` on the personalized model denoises P_p.
-The whole latent trajectory is kept: Stage 2 replays it as the layout path.
+The whole latent trajectory is kept: Stage 2 replays it as the layout path. The reference's DDIM
+inversion, when it has to be computed, can ride in the same UNet calls (a timestep per batch row):
+the personalized steps then cost one call for both.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from layout_retouch.attention_control import LAYOUT, AttentionController
+from layout_retouch.attention_control import INVERSION, LAYOUT, AttentionController
+from layout_retouch.inversion import DDIMInversion
 from layout_retouch.models import ModelPair
 from layout_retouch.sampling import Conditioning, PathInput, guided_eps
 
@@ -42,16 +45,26 @@ def step_blended_denoise(
     eta: float = 0.0,
     controller: AttentionController | None = None,
     progress: bool = True,
+    inversion: DDIMInversion | None = None,
 ) -> LayoutTrajectory:
-    """DDIM with CFG; steps k < vanilla_steps on the vanilla model and P_v, the rest personalized and P_p."""
+    """DDIM with CFG; steps k < vanilla_steps on the vanilla model and P_v, the rest personalized and P_p.
+
+    `inversion` (on the personalized model) takes one of its steps beside each step of the layout.
+    """
     scheduler = pair.scheduler
     trajectory = [latents]
     for k, t in enumerate(tqdm(timesteps, desc="stage 1 layout", disable=not progress, leave=False)):
         if controller is not None:
             controller.begin_step(k)
         model, cond = layout_conditioning(k, vanilla_steps, vanilla, personalized)
-        path = PathInput(LAYOUT, latents, model, cond, wants_eps=True)
-        eps = guided_eps(pair, [path], t, guidance_scale, controller)[LAYOUT]
+        paths = [PathInput(LAYOUT, latents, model, cond, wants_eps=True)]
+        if inversion is not None and not inversion.done:
+            paths.append(PathInput(INVERSION, inversion.latent, True, Conditioning(inversion.embedding, None, []),
+                                   wants_eps=True, guided=False, timestep=inversion.timestep))
+        eps = guided_eps(pair, paths, t, guidance_scale, controller)
+        if INVERSION in eps:
+            inversion.advance(eps[INVERSION])
+        eps = eps[LAYOUT]
         latents = scheduler.step(eps, t, latents, eta=eta).prev_sample
         trajectory.append(latents)
     if controller is not None:

@@ -24,9 +24,9 @@ from layout_retouch.stage1_layout import LayoutTrajectory, layout_conditioning
 
 @dataclass
 class RetouchConditioning:
-    vanilla: Conditioning  # P_v on the vanilla model
+    vanilla: Conditioning | None  # P_v on the vanilla model (None where no step runs it: T_l = 0)
     personalized: Conditioning  # P_p on the personalized model
-    neutral: Conditioning  # P_n on the personalized model
+    neutral: Conditioning | None  # P_n on the personalized model (None without a reference)
 
 
 @dataclass

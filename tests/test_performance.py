@@ -18,12 +18,12 @@ from layout_retouch.source_features import HOST, feature_homes
 
 STEPS = 6
 TINY = dict(num_inference_steps=STEPS, mask_attention_resolution=0.5, segmenter="none", ref_start_step=2)
-STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False)
+STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False,
+                       share_inversion_calls=False)
+ALL = {name: True for name in STRAIGHTFORWARD}
 SWITCHES = {"record_layout": dict(record_layout_features=True), "cache_reference": dict(cache_reference_features=True),
-            "skip_replaced": dict(skip_replaced_attention=True),
-            "all": dict(record_layout_features=True, cache_reference_features=True, skip_replaced_attention=True),
-            "all_offloaded": dict(record_layout_features=True, cache_reference_features=True,
-                                  skip_replaced_attention=True, feature_offload=True)}
+            "skip_replaced": dict(skip_replaced_attention=True), "share_inversion": dict(share_inversion_calls=True),
+            "all": ALL, "all_offloaded": dict(ALL, feature_offload=True)}
 PROMPT = "a sks dog in the snow"
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # float rounding of other batch shapes, no more
 
@@ -140,8 +140,11 @@ def test_recorded_sources_do_not_run_again(pipe, tmp_path):
     reference_pass = (STEPS - (TINY["ref_start_step"] - 1)) * 2  # once, from the step before S_ref
     assert fast.rows == inversion + reference_pass + 2 * (stage1 + STEPS * 2 * n)
     assert pipe._reference_cache.computed == 1
-    # ... inside the first prompt's Stage 2 calls: one call per step and stage, no separate reference pass.
-    assert fast.calls == inversion + 2 * (STEPS + STEPS)
+    # ... inside the first prompt's Stage 2 calls: one call per step and stage, no separate reference pass; the
+    # inversion's steps ride in Stage 1's calls, except beside the steps on the vanilla model (another UNet).
+    vanilla = LayoutRetouchConfig(**TINY).num_vanilla_steps
+    assert straight.calls == inversion + 2 * (STEPS + STEPS + vanilla)  # Stage 2's layout on vanilla: own call
+    assert 0 < vanilla < STEPS and fast.calls == vanilla + 2 * (STEPS + STEPS)
 
 
 def test_over_budget_falls_back_to_running_the_paths(pipe, tmp_path):

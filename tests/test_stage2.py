@@ -20,6 +20,7 @@ from layout_retouch.attention_control import (
 )
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.inversion import (
+    DDIMInversion,
     InversionCache,
     InversionTrajectory,
     ddim_invert,
@@ -98,11 +99,9 @@ def test_reference_is_checked_and_cropped(tmp_path):
 
 
 def test_inversion_cache_hits_and_invalidates(pipe, tiny_dir, cache_dir, monkeypatch):
-    import layout_retouch.pipeline as pipeline_module
-
     calls = []
-    real = pipeline_module.ddim_invert
-    monkeypatch.setattr(pipeline_module, "ddim_invert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = DDIMInversion.run
+    monkeypatch.setattr(DDIMInversion, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     image = load_reference_image(tiny_dir / "reference.png", (32, 32))
     config = LayoutRetouchConfig(inversion_cache_dir=cache_dir)
 
@@ -119,7 +118,6 @@ def test_inversion_cache_hits_and_invalidates(pipe, tiny_dir, cache_dir, monkeyp
     assert len(calls) == 4
     other = LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), progress=False)  # other model
     pipe.models.scheduler.set_timesteps(5)
-    monkeypatch.setattr(pipeline_module, "ddim_invert", lambda *a, **k: calls.append(1) or real(*a, **k))
     other.invert_reference(image, pipe.models.scheduler.timesteps, config)
     assert len(calls) == 5
     assert len(list(InversionCache(cache_dir).folder.glob("*.safetensors"))) == 5
