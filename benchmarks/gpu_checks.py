@@ -13,7 +13,7 @@ import sys
 import torch
 
 from layout_retouch.cli.demo import CLASS_WORD, TOY_METHOD, TOY_MODELS
-from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig
 from layout_retouch.pipeline import LayoutRetouchPipeline
 
 PERSONALIZED = {"dreambooth": ("sks_star_dreambooth", "sks"), "lora": ("sks_star_lora", "sks"),
@@ -23,8 +23,7 @@ PERSONALIZED = {"dreambooth": ("sks_star_dreambooth", "sks"), "lora": ("sks_star
 # Variants of the full method that must give its default images: features in host memory, and the
 # straightforward implementation (every optimization off).
 SAME_IMAGES = {"features on host": dict(feature_offload=True),
-               "straightforward": dict(record_layout_features=False, cache_reference_features=False,
-                                       skip_replaced_attention=False)}
+               "straightforward": STRAIGHTFORWARD}
 
 
 def run(pipe, token: str, method: str, cache: str, **overrides):

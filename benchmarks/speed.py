@@ -44,15 +44,12 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.sd15_configs import dreambooth_unet, sd15_pipeline  # noqa: E402
-from layout_retouch.config import LayoutRetouchConfig  # noqa: E402
+from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig  # noqa: E402
 from layout_retouch.models import ModelPair, load_lora  # noqa: E402
 from layout_retouch.pipeline import LayoutRetouchPipeline  # noqa: E402
 
 PROMPTS = ("a sks dog in the snow", "a sks dog on the beach", "a sks dog at night", "a photo of a sks dog in a bucket")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Config fields that switch each optimization off: the straightforward implementation of the spec.
-STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False,
-                       share_inversion_calls=False)
 LORA_RANK = 4  # a typical DreamBooth-LoRA rank
 SEED = 42  # the paper's seed; the s-th seed of a prompt is SEED + s
 
@@ -124,12 +121,11 @@ class OpCounter(TorchDispatchMode):
 
 
 def configs(args) -> dict[str, LayoutRetouchConfig]:
-    fields = set(LayoutRetouchConfig.__dataclass_fields__)
     common = dict(num_inference_steps=args.steps, height=args.resolution, width=args.resolution)
     full = LayoutRetouchConfig(method="V", segmenter="none", **common)
     variants = {"plain": LayoutRetouchConfig(method="I", **common), "full": full}
     if args.straightforward:
-        variants["straightforward"] = full.replace(**{k: v for k, v in STRAIGHTFORWARD.items() if k in fields})
+        variants["straightforward"] = full.replace(**STRAIGHTFORWARD)
     return variants
 
 

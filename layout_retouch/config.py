@@ -23,6 +23,11 @@ METHOD_NAMES: dict[str, Method] = {
     "V": "V", "full": "V", "layout-retouch": "V",
 }
 
+# The performance switches below, off: the straightforward implementation of the spec, which every
+# optimization must reproduce (tests/test_performance.py, benchmarks/speed.py, benchmarks/gpu_checks.py).
+STRAIGHTFORWARD: dict[str, bool] = dict(record_layout_features=False, cache_reference_features=False,
+                                        skip_replaced_attention=False, share_inversion_calls=False)
+
 
 @dataclass
 class LayoutRetouchConfig:

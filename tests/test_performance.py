@@ -11,15 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import layout_retouch.attention_control as attention_control
-from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.pipeline import LayoutRetouchPipeline
 from layout_retouch.source_features import HOST, feature_homes
 
 STEPS = 6
 TINY = dict(num_inference_steps=STEPS, mask_attention_resolution=0.5, segmenter="none", ref_start_step=2)
-STRAIGHTFORWARD = dict(record_layout_features=False, cache_reference_features=False, skip_replaced_attention=False,
-                       share_inversion_calls=False)
 ALL = {name: True for name in STRAIGHTFORWARD}
 SWITCHES = {"record_layout": dict(record_layout_features=True), "cache_reference": dict(cache_reference_features=True),
             "skip_replaced": dict(skip_replaced_attention=True), "share_inversion": dict(share_inversion_calls=True),
