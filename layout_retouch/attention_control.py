@@ -98,7 +98,7 @@ class AttentionController:
         self.history: dict[str, list[torch.Tensor]] = {} if keep_map_history else None
         self.blend_mask_fn = None  # callable(controller) -> (n, H_lat, W_lat) mask, set by Stage 2
         self._blend_mask: torch.Tensor | None = None
-        self._resized: dict[tuple, torch.Tensor] = {}
+        self._resized: dict[tuple, torch.Tensor | None] = {}  # this step's masks at each layer size
         # Recorded sources (source_features.py): role -> SourceFeatures, read where the path did not run.
         self.features: dict = {}
         # Optional callable(controller, layer, role, tensors) seeing every source path's self-attention;
@@ -180,17 +180,22 @@ class AttentionController:
         return recorded.get(self.step, layer.name, device), recorded.keys_restricted
 
     def reference_key_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
-        """(1, 1, 1, h*w) boolean: which reference keys lie on the reference's subject."""
+        """(1, 1, 1, h*w) boolean: which reference keys lie on the reference's subject.
+
+        Made once per size for the subject maps seen so far in the step (the layers that read it come
+        after the map layers in a UNet call), not at every layer.
+        """
         if not self.plan.ref_subject_only:
             return None
-        ref_map = self.subject_map(REFERENCE)
-        if ref_map is None:
-            return None
-        resized = resize_mask(ref_map[:1], size)
-        keep = threshold_map(resized, self.plan.ref_mask_threshold).flatten(1)
-        if not keep.any():
-            return None
-        return keep[:, None, None, :]
+        key = ("reference keys", size, len(self.maps.get(REFERENCE, ())))
+        if key not in self._resized:
+            ref_map = self.subject_map(REFERENCE)
+            keep = None
+            if ref_map is not None:
+                keep = threshold_map(resize_mask(ref_map[:1], size), self.plan.ref_mask_threshold).flatten(1)
+                keep = keep[:, None, None, :] if keep.any() else None
+            self._resized[key] = keep
+        return self._resized[key]
 
     def blend_mask(self, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
         """(2n, 1, h*w, 1) mask M for both CFG halves at a layer's resolution, like `like`; once per step."""
@@ -220,7 +225,7 @@ class SourceRows:
         whole = self.tensors[name]
         if self.rows.start == 0 and self.rows.stop == whole.shape[0]:
             return whole
-        return whole[self.rows].clone(memory_format=torch.contiguous_format)
+        return whole[self.rows].clone()  # the same strides: the target's attention on it is laid out alike
 
 
 def _take(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -361,7 +366,8 @@ def _plain_attention(query, key, value, skipped: slice | None) -> torch.Tensor |
     batch = query.shape[0]
     if skipped.start == 0 and skipped.stop == batch:
         return None
-    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    # laid out as SDPA lays out its output (tokens before heads), so the processor's reshape stays a view
+    out = query.new_empty((batch, query.shape[2], query.shape[1], value.shape[-1])).transpose(1, 2)
     for rows in (slice(0, skipped.start), slice(skipped.stop, batch)):
         if rows.stop > rows.start:
             out[rows] = F.scaled_dot_product_attention(query[rows], key[rows], value[rows])

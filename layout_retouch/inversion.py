@@ -75,6 +75,7 @@ class DDIMInversion:
         self.alphas = scheduler.alphas_cumprod.to(latent.device)
         self.final = scheduler.final_alpha_cumprod.to(latent.device)
         self.timesteps = timesteps
+        self.steps = [int(t) for t in timesteps.tolist()]  # on the host once: no device sync per step
         self.embedding = embedding
         self.states = [latent]
 
@@ -98,8 +99,8 @@ class DDIMInversion:
     def advance(self, eps: torch.Tensor) -> None:
         """Take the step with the UNet's noise prediction for `latent` at `timestep`."""
         i, x = self.index, self.latent
-        a_next = self.alphas[int(self.timesteps[i])]  # noisier: where this step lands
-        a_prev = self.alphas[int(self.timesteps[i + 1])] if i + 1 < len(self.timesteps) else self.final  # where x is
+        a_next = self.alphas[self.steps[i]]  # noisier: where this step lands
+        a_prev = self.alphas[self.steps[i + 1]] if i + 1 < len(self.steps) else self.final  # where x is now
         x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
         self.states.append(a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps)
 

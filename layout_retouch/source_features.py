@@ -91,6 +91,7 @@ class ReferenceRecorder:
         self.features = SourceFeatures(store_device=store_device, keys_restricted=True)
         self.key = key  # what the features are computed from (the cache's key)
         self.start = start  # the first step the reference path must run for them
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None  # the last key mask and its indices
 
     def __call__(self, controller, layer: LayerInfo, role: str, tensors) -> None:
         if role != REFERENCE or not self.plan.reference_at(controller.step, layer.name):
@@ -99,9 +100,11 @@ class ReferenceRecorder:
         if keep is None:
             k, v = tensors.own("k"), tensors.own("v")
         else:  # dropping masked keys is what the -inf mask does to the softmax (index_select copies)
-            index = keep.flatten().nonzero().flatten()
+            if self._kept is None or self._kept[0] is not keep:  # the controller makes one mask per step and size
+                self._kept = (keep, keep.flatten().nonzero().flatten())
+            index = self._kept[1]
             k, v = tensors["k"].index_select(2, index), tensors["v"].index_select(2, index)
-        self.features.put(controller.step, layer.name, {"k": k.contiguous(), "v": v.contiguous()})
+        self.features.put(controller.step, layer.name, {"k": k, "v": v})
 
 
 # --- memory estimates, made before anything is recorded
