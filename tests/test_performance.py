@@ -13,8 +13,11 @@ from PIL import Image
 import layout_retouch.attention_control as attention_control
 from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.inversion import DDIMInversion, ddim_invert
 from layout_retouch.pipeline import LayoutRetouchPipeline
+from layout_retouch.sampling import encode_text
 from layout_retouch.source_features import HOST, feature_homes
+from layout_retouch.stage1_layout import step_blended_denoise
 
 STEPS = 6
 TINY = dict(num_inference_steps=STEPS, mask_attention_resolution=0.5, segmenter="none", ref_start_step=2)
@@ -143,6 +146,46 @@ def test_recorded_sources_do_not_run_again(pipe, tmp_path):
     vanilla = LayoutRetouchConfig(**TINY).num_vanilla_steps
     assert straight.calls == inversion + 2 * (STEPS + STEPS + vanilla)  # Stage 2's layout on vanilla: own call
     assert 0 < vanilla < STEPS and fast.calls == vanilla + 2 * (STEPS + STEPS)
+
+
+def test_an_inversion_riding_in_stage_1_takes_the_steps_it_takes_alone(pipe):
+    """An unguided row with its own timestep in Stage 1's calls: the same inversion, the same layout, fewer calls."""
+    models, vanilla_steps = pipe.models, 2
+    models.scheduler.set_timesteps(STEPS)
+    timesteps = models.scheduler.timesteps
+    unet, text_encoder = models.select(True)
+    size = unet.config.sample_size
+    clean, noise = torch.randn((2, 1, 4, size, size), generator=torch.Generator().manual_seed(1))
+    empty = encode_text(models.tokenizer, text_encoder, "")
+    cond = pipe.encode_prompts(pipe.derive_prompts(PROMPT))
+    alone = ddim_invert(unet, models.scheduler, clean, timesteps, empty, progress=False)
+    layout = step_blended_denoise(models, noise, timesteps, vanilla_steps, cond.vanilla, cond.personalized, 7.5,
+                                  progress=False)
+    riding = DDIMInversion(models.scheduler, clean, timesteps, empty)
+    with RowCounter(pipe) as counter:
+        shared = step_blended_denoise(models, noise, timesteps, vanilla_steps, cond.vanilla, cond.personalized, 7.5,
+                                      progress=False, inversion=riding)
+    # Beside the vanilla steps (another UNet) the inversion makes calls of its own; after them it rides along.
+    assert riding.done and counter.calls == STEPS + vanilla_steps and counter.rows == STEPS * 3
+    for a, b in zip(riding.run(unet, progress=False).latents, alone.latents, strict=True):
+        assert torch.allclose(a, b, **TOLERANCE)
+    for a, b in zip(shared.latents, layout.latents, strict=True):
+        assert torch.allclose(a, b, **TOLERANCE)
+
+
+def test_only_the_prompts_a_run_reads_are_encoded(pipe, tmp_path):
+    encoders = {id(m): m for m in (pipe.models.pipe.text_encoder, pipe.models.personal_text_encoder) if m is not None}
+    texts = []
+    handles = [m.register_forward_pre_hook(lambda module, args: texts.append(args[0])) for m in encoders.values()]
+    try:
+        generate(pipe, tmp_path, n=1, method="I", vanilla_steps=0)  # plain sampling: P_p and the empty prompt
+        assert len(texts) == 2
+        texts.clear()
+        generate(pipe, tmp_path, n=1, method="V")  # P_v, P_p, P_n; the empty prompt once per text encoder...
+        assert len(texts) == 3 + len(encoders) + 1  # ... and for the reference's inversion (not yet on disk)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_over_budget_falls_back_to_running_the_paths(pipe, tmp_path):
