@@ -43,6 +43,11 @@ class ModelPair:
     _state: bool | None = None
 
     @property
+    def one_unet(self) -> bool:
+        """Both models run through one UNet with nothing to switch (Textual Inversion): paths share calls."""
+        return self.personal_unet is None and self.switch is None
+
+    @property
     def vae(self):
         return self.pipe.vae
 

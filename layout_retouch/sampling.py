@@ -48,11 +48,10 @@ class PathInput:
 def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float,
                controller: AttentionController | None = None) -> dict[str, torch.Tensor]:
     """Classifier-free-guided noise for the paths that want it, one UNet call per model."""
-    groups: list[list[PathInput]] = []
-    for model in (False, True):
-        group = [p for p in paths if p.personalized is model]
-        if group:
-            groups.append(group)
+    if pair.one_unet:  # the models differ in their text only: one call
+        groups = [paths]
+    else:
+        groups = [g for g in ([p for p in paths if not p.personalized], [p for p in paths if p.personalized]) if g]
     groups.sort(key=lambda g: any(p.role == TARGET for p in g))  # sources first
     result = {}
     for group in groups:

@@ -173,6 +173,23 @@ def test_an_inversion_riding_in_stage_1_takes_the_steps_it_takes_alone(pipe):
         assert torch.allclose(a, b, **TOLERANCE)
 
 
+def test_textual_inversion_runs_its_vanilla_steps_in_the_same_calls(tiny_dir, tmp_path):
+    """One UNet for both models: the inversion rides beside the vanilla steps too, and the straightforward
+    Stage 2 runs its vanilla-model layout in the target's call."""
+    ti = LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), personalized=str(
+        tiny_dir / "learned_embeds.safetensors"), token="<cat-toy>", class_word="toy", progress=False)
+    ti.reference_path = tiny_dir / "reference.png"
+    assert ti.models.one_unet
+    with RowCounter(ti) as counter:
+        straight = generate(ti, tmp_path / "a", prompt="a <cat-toy> in the snow", method="V", vanilla_steps=2,
+                            **STRAIGHTFORWARD)
+    assert counter.calls == STEPS + 2 * STEPS  # inversion alone, then one call per step and stage
+    with RowCounter(ti) as counter:
+        fast = generate(ti, tmp_path / "b", prompt="a <cat-toy> in the snow", method="V", vanilla_steps=2)
+    assert counter.calls == 2 * STEPS
+    assert torch.allclose(fast.images, straight.images, **TOLERANCE)
+
+
 def test_only_the_prompts_a_run_reads_are_encoded(pipe, tmp_path):
     encoders = {id(m): m for m in (pipe.models.pipe.text_encoder, pipe.models.personal_text_encoder) if m is not None}
     texts = []
