@@ -1,6 +1,7 @@
 """GPU checks the CPU suite cannot make: every method and personalization kind runs on CUDA, in fp16,
 and with model offload, with recorded features kept in host memory, and with every optimization off,
-gives the images it gives by default (run on a machine with a GPU).
+gives the images it gives by default; an inversion riding in Stage 1's calls gives those of one run
+alone (run on a machine with a GPU).
 
     python benchmarks/gpu_checks.py [--device cuda]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 import torch
 
@@ -40,6 +42,40 @@ def load(folder: str, token: str, dtype: torch.dtype) -> LayoutRetouchPipeline:
                                                  token=token, class_word=CLASS_WORD, torch_dtype=dtype, progress=False)
 
 
+def check_same_images(pipe, kind: str, folder: str, token: str, dtype: torch.dtype, args) -> int:
+    """The full method's variants that must give its default images; returns the number of failures."""
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+
+    def compare(name: str, expected, make) -> int:  # both callables: a failure in either is reported
+        try:
+            diff = (make() - expected()).abs().max().item()
+            print(f"{kind:18s} {str(dtype):14s} V   {name} max|diff|={diff:.2e}")
+            return int(diff > tolerance)
+        except Exception as err:  # report every failure, not just the first
+            print(f"{kind:18s} {str(dtype):14s} V   {name} FAILED: {type(err).__name__}: {err}")
+            return 1
+
+    def fresh(**overrides) -> torch.Tensor:  # every run records the reference in its first Stage 2
+        pipe.clear_feature_cache()
+        return run(pipe, token, "V", args.cache, **overrides)
+
+    def offloaded() -> torch.Tensor:
+        other = load(folder, token, dtype)
+        other.enable_model_cpu_offload(args.device)
+        return run(other, token, "V", args.cache)
+
+    def inverted(share: bool) -> torch.Tensor:  # a fresh inversion cache: the reference is inverted again
+        pipe.clear_feature_cache()
+        with tempfile.TemporaryDirectory() as cache:
+            return run(pipe, token, "V", cache, share_inversion_calls=share)
+
+    reference = fresh()
+    failures = sum(compare(name, lambda: reference, lambda o=overrides: fresh(**o))
+                   for name, overrides in SAME_IMAGES.items())
+    failures += compare("offload", lambda: reference, offloaded)
+    return failures + compare("inversion riding in Stage 1", lambda: inverted(False), lambda: inverted(True))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -58,26 +94,7 @@ def main() -> int:
                 except Exception as err:  # report every failure, not just the first
                     print(f"{kind:18s} {str(dtype):14s} {method:3s} FAILED: {type(err).__name__}: {err}")
                     failures += 1
-            on_device.clear_feature_cache()  # every run below records the reference in its first Stage 2
-            reference = run(on_device, token, "V", args.cache)
-            for name, overrides in SAME_IMAGES.items():
-                try:
-                    on_device.clear_feature_cache()
-                    diff = (run(on_device, token, "V", args.cache, **overrides) - reference).abs().max().item()
-                    print(f"{kind:18s} {str(dtype):14s} V   {name} max|diff|={diff:.2e}")
-                    failures += diff > (1e-3 if dtype == torch.float32 else 5e-2)
-                except Exception as err:
-                    print(f"{kind:18s} {str(dtype):14s} V   {name} FAILED: {type(err).__name__}: {err}")
-                    failures += 1
-            try:
-                offloaded = load(folder, token, dtype)
-                offloaded.enable_model_cpu_offload(args.device)
-                diff = (run(offloaded, token, "V", args.cache) - reference).abs().max().item()
-                print(f"{kind:18s} {str(dtype):14s} V   offload max|diff|={diff:.2e}")
-                failures += diff > (1e-3 if dtype == torch.float32 else 5e-2)
-            except Exception as err:
-                print(f"{kind:18s} {str(dtype):14s} V   offload FAILED: {type(err).__name__}: {err}")
-                failures += 1
+            failures += check_same_images(on_device, kind, folder, token, dtype, args)
     print(f"failures: {failures}")
     return int(failures > 0)
 
