@@ -28,13 +28,16 @@ SAME_IMAGES = {"features on host": dict(feature_offload=True),
                "straightforward": STRAIGHTFORWARD}
 
 
-def run(pipe, token: str, method: str, cache: str, **overrides):
+def run(pipe, token: str, method: str, cache: str, masks: bool = False, **overrides):
+    """The latents of one two-seed run (with `masks`: and its final blend masks)."""
     config = LayoutRetouchConfig(method=method, num_inference_steps=10, inversion_cache_dir=cache,
                                  **{**TOY_METHOD, **overrides})
     generator = [torch.Generator().manual_seed(s) for s in range(2)]
     reference = TOY_MODELS / "references" / "sks_star_00.png"
-    return pipe(f"a photo of a {token} star on the beach", reference_image=reference, config=config,
-                num_images_per_prompt=2, generator=generator, output_type="latent").images.float().cpu()
+    output = pipe(f"a photo of a {token} star on the beach", reference_image=reference, config=config,
+                  num_images_per_prompt=2, generator=generator, output_type="latent")
+    latents = output.images.float().cpu()
+    return (latents, output.masks.get("final")) if masks else latents
 
 
 def load(folder: str, token: str, dtype: torch.dtype) -> LayoutRetouchPipeline:
@@ -64,16 +67,29 @@ def check_same_images(pipe, kind: str, folder: str, token: str, dtype: torch.dty
         other.enable_model_cpu_offload(args.device)
         return run(other, token, "V", args.cache)
 
-    def inverted(share: bool) -> torch.Tensor:  # a fresh inversion cache: the reference is inverted again
+    def inverted(share: bool):  # a fresh inversion cache: the reference is inverted again
         pipe.clear_feature_cache()
         with tempfile.TemporaryDirectory() as cache:
-            return run(pipe, token, "V", cache, share_inversion_calls=share)
+            return run(pipe, token, "V", cache, masks=True, share_inversion_calls=share)
+
+    def riding() -> int:
+        """Other batch shapes round differently: in fp16 a mask pixel may flip at its threshold (as the CPU
+        tests allow), which moves a few latents by more than rounding, so the mean is compared here."""
+        try:
+            (alone, alone_mask), (shared, shared_mask) = inverted(False), inverted(True)
+            diff, agree = (shared - alone).abs(), float((shared_mask == alone_mask).mean())
+            print(f"{kind:18s} {str(dtype):14s} V   inversion riding in Stage 1 max|diff|={diff.max():.2e} "
+                  f"mean|diff|={diff.mean():.2e} mask agreement={agree:.4f}")
+            return int(diff.mean() > tolerance or agree < 0.99)
+        except Exception as err:
+            print(f"{kind:18s} {str(dtype):14s} V   inversion riding in Stage 1 FAILED: {type(err).__name__}: {err}")
+            return 1
 
     reference = fresh()
     failures = sum(compare(name, lambda: reference, lambda o=overrides: fresh(**o))
                    for name, overrides in SAME_IMAGES.items())
     failures += compare("offload", lambda: reference, offloaded)
-    return failures + compare("inversion riding in Stage 1", lambda: inverted(False), lambda: inverted(True))
+    return failures + riding()
 
 
 def main() -> int:
