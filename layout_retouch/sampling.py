@@ -43,6 +43,11 @@ class PathInput:
     guided: bool = True  # False: conditional rows only, and the raw noise prediction back (an inversion)
     timestep: torch.Tensor | None = None  # its own timestep where it is not the call's (an inversion)
 
+    def embeddings(self) -> list[torch.Tensor]:
+        """Its text embeddings in batch order: unconditional half, then conditional (or conditional only)."""
+        halves = (self.conditioning.uncond, self.conditioning.cond) if self.guided else (self.conditioning.cond,)
+        return [c.expand(self.latents.shape[0], -1, -1) for c in halves]
+
 
 @torch.no_grad()
 def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float,
@@ -57,13 +62,12 @@ def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float
     for group in groups:
         unet, _ = pair.select(group[0].personalized)
         rows, offset = [], 0
-        for p in group:  # each path's unconditional half, then its conditional half
-            rows.append(PathRows(p.role, offset, offset + (2 if p.guided else 1) * p.latents.shape[0]))
+        per_path = [p.embeddings() for p in group]
+        for p, halves in zip(group, per_path, strict=True):  # each path's unconditional half, then its conditional
+            rows.append(PathRows(p.role, offset, offset + len(halves) * p.latents.shape[0]))
             offset = rows[-1].stop
-        latents = torch.cat([x for p in group for x in ((p.latents, p.latents) if p.guided else (p.latents,))])
-        embeds = torch.cat([c.expand(p.latents.shape[0], -1, -1) for p in group
-                            for c in ((p.conditioning.uncond, p.conditioning.cond) if p.guided
-                                      else (p.conditioning.cond,))])
+        latents = torch.cat([p.latents for p, halves in zip(group, per_path, strict=True) for _ in halves])
+        embeds = torch.cat([e for halves in per_path for e in halves])
         timesteps = t
         if any(p.timestep is not None for p in group):  # one timestep per row
             timesteps = torch.cat([torch.as_tensor(t if p.timestep is None else p.timestep, device=latents.device)

@@ -53,14 +53,15 @@ def step_blended_denoise(
     """
     scheduler = pair.scheduler
     trajectory = [latents]
+    unguided = Conditioning(inversion.embedding, None, []) if inversion is not None else None
     for k, t in enumerate(tqdm(timesteps, desc="stage 1 layout", disable=not progress, leave=False)):
         if controller is not None:
             controller.begin_step(k)
         model, cond = layout_conditioning(k, vanilla_steps, vanilla, personalized)
         paths = [PathInput(LAYOUT, latents, model, cond, wants_eps=True)]
         if inversion is not None and not inversion.done:
-            paths.append(PathInput(INVERSION, inversion.latent, True, Conditioning(inversion.embedding, None, []),
-                                   wants_eps=True, guided=False, timestep=inversion.timestep))
+            paths.append(PathInput(INVERSION, inversion.latent, True, unguided, wants_eps=True, guided=False,
+                                   timestep=inversion.timestep))
         eps = guided_eps(pair, paths, t, guidance_scale, controller)
         if INVERSION in eps:
             inversion.advance(eps[INVERSION])
