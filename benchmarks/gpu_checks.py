@@ -1,7 +1,7 @@
 """GPU checks the CPU suite cannot make: every method and personalization kind runs on CUDA, in fp16,
-and with model offload, with recorded features kept in host memory, and with every optimization off,
-gives the images it gives by default; an inversion riding in Stage 1's calls gives those of one run
-alone (run on a machine with a GPU).
+and with model offload, with recorded features kept in host memory, with fused attention projections
+and with every optimization off, gives the images it gives by default; an inversion riding in Stage
+1's calls gives those of one run alone (run on a machine with a GPU).
 
     python benchmarks/gpu_checks.py [--device cuda]
 """
@@ -85,10 +85,17 @@ def check_same_images(pipe, kind: str, folder: str, token: str, dtype: torch.dty
             print(f"{kind:18s} {str(dtype):14s} V   inversion riding in Stage 1 FAILED: {type(err).__name__}: {err}")
             return 1
 
+    def fused() -> torch.Tensor:
+        other = load(folder, token, dtype).to(args.device)
+        other.fuse_qkv_projections()
+        return run(other, token, "V", args.cache)
+
     reference = fresh()
     failures = sum(compare(name, lambda: reference, lambda o=overrides: fresh(**o))
                    for name, overrides in SAME_IMAGES.items())
     failures += compare("offload", lambda: reference, offloaded)
+    if kind != "lora":  # a LoRA switches the projections' weights: fusing is refused
+        failures += compare("fused projections", lambda: reference, fused)
     return failures + riding()
 
 

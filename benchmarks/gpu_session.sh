@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (about 10 minutes on an H100): the GPU checks, then
-# speed.py at 512 px, 50 steps, fp16, with one and with four seeds per prompt. Results go to $OUT
-# (or benchmarks/results/gpu_session/). The machine's own torch is used; wheels the machine lacks
-# and cannot download (it has no network) are installed from .whl/ when that folder is there:
+# One prepared run for a lent GPU machine (under 10 minutes on an H100): the GPU checks, then
+# speed.py at 512 px, 50 steps, fp16, with one seed per prompt (also with fused attention projections)
+# and with four. Results go to $OUT (or benchmarks/results/gpu_session/). The machine's own torch is
+# used; wheels the machine lacks and cannot download (it has no network) are installed from .whl/ when
+# that folder is there:
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
 set -u
@@ -19,8 +20,10 @@ export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
     | tee -a "$out/device.txt"
-timeout 150 python3 benchmarks/gpu_checks.py 2>&1 | grep -v Warning | tee "$out/gpu_checks.txt"
-timeout 200 python3 benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50 --repeats 3 \
+timeout 140 python3 benchmarks/gpu_checks.py 2>&1 | grep -v Warning | tee "$out/gpu_checks.txt"
+timeout 170 python3 benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50 --repeats 3 \
     2>&1 | grep -v Warning | tee "$out/fp16_512px_50steps_4prompts.txt"
-timeout 150 python3 benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50 --repeats 2 \
+timeout 100 python3 benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50 --repeats 2 \
+    --fuse-qkv 2>&1 | grep -v Warning | tee "$out/fp16_512px_50steps_4prompts_fused_qkv.txt"
+timeout 140 python3 benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50 --repeats 2 \
     --seeds 4 2>&1 | grep -v Warning | tee "$out/fp16_512px_50steps_4prompts_4seeds.txt"

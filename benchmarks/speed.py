@@ -187,6 +187,8 @@ def time_side_by_side(args) -> dict:
 
 
 def apply_model_options(pipe, args) -> None:
+    if args.fuse_qkv:
+        pipe.fuse_qkv_projections()
     if args.channels_last:
         for unet in pipe.models.unets():
             unet.to(memory_format=torch.channels_last)
@@ -302,6 +304,8 @@ def parse_args(argv=None):
                         help="one more run per variant counting ATen operators (kernel launches on a GPU)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--channels-last", action="store_true", help="UNets in channels-last memory format")
+    parser.add_argument("--fuse-qkv", action="store_true",
+                        help="fused attention projections (LayoutRetouchPipeline.fuse_qkv_projections), both variants")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--memory-worker", choices=("plain", "full", "straightforward"), help=argparse.SUPPRESS)

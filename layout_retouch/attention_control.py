@@ -221,11 +221,16 @@ class SourceRows:
         return _take(self.tensors[name], self.rows)
 
     def own(self, name: str) -> torch.Tensor:
-        """The rows in storage of their own, for keeping past the call without the other paths' rows."""
+        """The rows in storage of their own, for keeping past the call without the other paths' rows.
+
+        (Nor other tensors' elements: a fused projection's query is a view into the keys and values too.)
+        """
         whole = self.tensors[name]
         if self.rows.start == 0 and self.rows.stop == whole.shape[0]:
-            return whole
-        return whole[self.rows].clone()  # the same strides: the target's attention on it is laid out alike
+            if whole.untyped_storage().nbytes() == whole.numel() * whole.element_size():
+                return whole
+            return whole.clone()
+        return whole[self.rows].clone()  # dense rows keep their strides: the target's attention is laid out alike
 
 
 def _take(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -261,11 +266,10 @@ class LayoutRetouchAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
+        query, key, value = _project(attn, hidden_states, context, encoder_hidden_states is None)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
         if attn.norm_q is not None:
@@ -347,6 +351,20 @@ class LayoutRetouchAttnProcessor:
             return target_out
         out[rows] = target_out
         return out
+
+
+def _project(attn, hidden_states, context, self_attention: bool):
+    """Query, key and value, in one matmul where the layer's projections are fused (ModelPair.fuse_qkv_projections).
+
+    An adapter wrapped around `to_q` after fusing (a LoRA) would not reach the fused weights: such a
+    layer projects separately.
+    """
+    if getattr(attn, "fused_projections", False) and type(attn.to_q) is torch.nn.Linear:
+        if self_attention and hasattr(attn, "to_qkv"):
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        if not self_attention and hasattr(attn, "to_kv"):
+            return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
 
 
 def _per_half(tensor: torch.Tensor, n: int) -> torch.Tensor:

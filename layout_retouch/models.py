@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from layout_retouch.errors import ModelLoadError
+from layout_retouch.errors import LayoutRetouchError, ModelLoadError
 
 KINDS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -76,6 +76,25 @@ class ModelPair:
         """Spell a multi-vector Textual Inversion token out as its pieces, as the tokenizer needs."""
         return self.pipe.maybe_convert_prompt(prompt, self.tokenizer)
 
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention layer's query/key/value projections into one matmul (diffusers' fusion).
+
+        One large matmul instead of three small ones: about 10% fewer operators per SD 1.5 UNet call, which
+        is time where a GPU waits for launches. The separate projections become views of the fused weights,
+        so memory does not grow (after `to()`, fuse again). A personalization that switches the UNet's
+        weights (LoRA, Custom Diffusion) would not reach a fused copy, so it is refused.
+        """
+        if self.switch is not None:
+            raise LayoutRetouchError(
+                f"cannot fuse the attention projections of a {self.kind} personalization: it switches the "
+                "UNet's own projections, which a fused copy would not follow")
+        for unet in {id(u): u for u in self.unets()}.values():
+            unet.fuse_qkv_projections()
+            for module in unet.modules():
+                if getattr(module, "fused_projections", False):
+                    _share_fused_weights(module)
+        self.sources["fused_qkv_projections"] = True  # saved next to outputs: float rounding may differ
+
     def to(self, device=None, dtype=None) -> ModelPair:
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.pipe.to(**kwargs)
@@ -83,6 +102,19 @@ class ModelPair:
             if module is not None:
                 module.to(**kwargs)
         return self
+
+
+def _share_fused_weights(attn) -> None:
+    """Make to_q/to_k/to_v views of the fused projection, so the weights are held once."""
+    fused, parts = (attn.to_kv, (attn.to_k, attn.to_v)) if hasattr(attn, "to_kv") else \
+        (attn.to_qkv, (attn.to_q, attn.to_k, attn.to_v))
+    start = 0
+    for part in parts:
+        stop = start + part.out_features
+        part.weight.data = fused.weight.data[start:stop]
+        if part.bias is not None:
+            part.bias.data = fused.bias.data[start:stop]
+        start = stop
 
 
 def load_model_pair(

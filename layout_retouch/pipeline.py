@@ -108,6 +108,10 @@ class LayoutRetouchPipeline:
         self.models.to(device, dtype)
         return self
 
+    def fuse_qkv_projections(self) -> None:
+        """One matmul per attention layer for its query/key/value (ModelPair.fuse_qkv_projections); after `to()`."""
+        self.models.fuse_qkv_projections()
+
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
         """Keep each model on the CPU until it runs (for GPUs with little memory), via accelerate."""
         from accelerate import cpu_offload_with_hook
@@ -432,5 +436,7 @@ def load_pipeline_from_args(args) -> LayoutRetouchPipeline:
         pipe.enable_model_cpu_offload(args.device)
     else:
         pipe.to(args.device)
+    if getattr(args, "fuse_qkv", False):
+        pipe.fuse_qkv_projections()
     return pipe
 

@@ -284,3 +284,52 @@ def test_features_wait_on_the_device_within_its_budget_then_in_host_memory():
     assert feature_homes(False, cuda, 5 * mib, 5 * mib, 0) == (None, None)
     with pytest.raises(LayoutRetouchError, match="feature_offload"):
         feature_homes("sometimes", cuda, 0, 0, None)
+
+
+@pytest.mark.parametrize("personalized,token,word", [("dreambooth", "sks", "dog"),
+                                                     ("learned_embeds.safetensors", "<cat-toy>", "toy")])
+def test_fused_projections_give_the_same_images(tiny_dir, tmp_path, personalized, token, word):
+    """One matmul per attention layer for Q, K, V (our processor and diffusers' alike), weights held once."""
+    def load():
+        fused = LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), personalized=str(tiny_dir / personalized),
+                                                      token=token, class_word=word, progress=False)
+        fused.reference_path = tiny_dir / "reference.png"
+        return fused
+
+    plain_pipe, fused = load(), load()
+    fused.fuse_qkv_projections()
+    layers = [m for u in fused.models.unets() for m in u.modules() if getattr(m, "fused_projections", False)]
+    assert layers
+    for attn in layers:  # the separate projections are views of the fused weight: no second copy
+        whole = attn.to_kv if hasattr(attn, "to_kv") else attn.to_qkv
+        assert attn.to_k.weight.untyped_storage().data_ptr() == whole.weight.untyped_storage().data_ptr()
+    calls = {"fused": 0, "separate": 0}
+    handles = [attn.to_qkv.register_forward_pre_hook(lambda *a: calls.__setitem__("fused", calls["fused"] + 1))
+               for attn in layers if hasattr(attn, "to_qkv")]
+    handles += [attn.to_k.register_forward_pre_hook(lambda *a: calls.__setitem__("separate", calls["separate"] + 1))
+                for attn in layers]
+    try:
+        for method in ("I", "V"):
+            prompt = f"a {token} in the snow"
+            expected = generate(plain_pipe, tmp_path / "a", prompt=prompt, method=method, vanilla_steps=2)
+            got = generate(fused, tmp_path / "b", prompt=prompt, method=method, vanilla_steps=2)
+            assert torch.allclose(got.images, expected.images, **TOLERANCE), method
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls["fused"] > 0 and calls["separate"] == 0
+
+
+def test_fusing_refuses_personalizations_that_switch_the_projections(lora_pipe):
+    with pytest.raises(LayoutRetouchError, match="lora"):
+        lora_pipe.fuse_qkv_projections()
+
+
+def test_kept_sources_hold_no_other_tensors_elements():
+    """A fused projection's query is a view into the keys and values: kept alone, it is copied out."""
+    qkv = torch.randn(2, 5, 12)
+    q = qkv.chunk(3, dim=-1)[0].view(2, 5, 2, 2).transpose(1, 2)
+    own = attention_control.SourceRows({"q": q}, slice(0, 2)).own("q")
+    assert torch.equal(own, q) and own.untyped_storage().nbytes() == q.numel() * q.element_size()
+    dense = torch.randn(2, 5, 4).view(2, 5, 2, 2).transpose(1, 2)
+    assert attention_control.SourceRows({"q": dense}, slice(0, 2)).own("q") is dense  # no copy

@@ -64,6 +64,9 @@ def add_model_options(p: argparse.ArgumentParser, base_required: bool = True) ->
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     g.add_argument("--offload", action="store_true", help="keep models on the CPU until they run (small GPUs)")
+    g.add_argument("--fuse-qkv", action="store_true",
+                   help="one matmul per attention layer for its projections (faster on GPUs; not with LoRA or "
+                   "Custom Diffusion)")
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
