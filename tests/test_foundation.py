@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -270,6 +271,13 @@ def test_generate_cli_end_to_end(tiny_dir, tmp_path, capsys):
     before = files[0].stat().st_mtime_ns
     assert cli(*common, "--prompt-file", prompts, "--skip-existing") == 0
     assert files[0].stat().st_mtime_ns == before
+    # Fused attention projections: the same images, and said next to them.
+    fused = [*common[:common.index("--out")], "--out", tmp_path / "fused", *common[common.index("--out") + 2:]]
+    assert cli(*fused, "--prompt-file", prompts, "--fuse-qkv") == 0
+    twin = tmp_path / "fused" / files[0].relative_to(out)
+    assert json.loads(twin.with_suffix(".json").read_text())["models"]["fused_qkv_projections"] is True
+    difference = np.abs(np.asarray(Image.open(twin), dtype=int) - np.asarray(Image.open(files[0]), dtype=int))
+    assert difference.max() <= 1  # float rounding of the fused matmul, at most one level
 
 
 def test_generate_cli_bad_input(tiny_dir, tmp_path, capsys):
@@ -285,3 +293,7 @@ def test_generate_cli_bad_input(tiny_dir, tmp_path, capsys):
     make_photo(tmp_path / "ok.png")
     assert cli(*base, "--prompt", "a sks dog", "--method", "nine") == 2
     assert "unknown method" in capsys.readouterr().err
+    lora = ["generate", "--base", tiny_dir / "base", "--personalized", tiny_dir / "lora", "--token", "sks",
+            "--class-word", "dog", "--out", tmp_path, "--steps", 2, "--quiet", "--method", "I"]
+    assert cli(*lora, "--prompt", "a sks dog", "--fuse-qkv") == 2
+    assert "cannot fuse the attention projections of a lora" in capsys.readouterr().err
