@@ -243,7 +243,6 @@ def summarize(args, timing: dict, memory: dict) -> None:
           f"{args.repeats} repeats (torch threads: {torch.get_num_threads()})")
     header = f"{'variant':16s} {'s/image (median)':>17s} {'min':>8s} {'max':>8s} {'UNet calls/img':>15s} " \
              f"{'UNet rows/img':>14s} {'peak memory':>24s}"
-    print(header)
     if not args.repeats:  # --repeats 0 --count-ops: the counts alone
         print(f"{'variant':16s} {'UNet calls/img':>15s} {'UNet rows/img':>14s} {'ATen ops/img':>13s}")
         for name, count in timing["ops"].items():
@@ -251,6 +250,7 @@ def summarize(args, timing: dict, memory: dict) -> None:
             print(f"{name:16s} {calls:15.1f} {rows:14.1f} {count:13.0f}")
         print_op_ratios(timing["ops"])
         return
+    print(header)
     for name, values in seconds.items():
         calls, rows = timing["evaluations"][name]
         if name in timing["peaks"]:
