@@ -356,10 +356,11 @@ class LayoutRetouchAttnProcessor:
 def _project(attn, hidden_states, context, self_attention: bool):
     """Query, key and value, in one matmul where the layer's projections are fused (ModelPair.fuse_qkv_projections).
 
-    An adapter wrapped around `to_q` after fusing (a LoRA) would not reach the fused weights: such a
-    layer projects separately.
+    An adapter wrapped around a projection after fusing (a LoRA) would not reach the fused weights: such
+    a layer projects separately.
     """
-    if getattr(attn, "fused_projections", False) and type(attn.to_q) is torch.nn.Linear:
+    if getattr(attn, "fused_projections", False) and all(
+            type(getattr(attn, name)) is torch.nn.Linear for name in ("to_q", "to_k", "to_v")):
         if self_attention and hasattr(attn, "to_qkv"):
             return attn.to_qkv(hidden_states).chunk(3, dim=-1)
         if not self_attention and hasattr(attn, "to_kv"):
