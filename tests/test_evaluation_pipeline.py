@@ -47,3 +47,27 @@ def test_evaluate_runs_the_pipeline_per_method_and_seed(tmp_path):
         assert np.array_equal(np.asarray(stored), np.asarray(expected.convert("RGB")))
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_batch_of_seeds_gives_the_one_seed_images(tmp_path):
+    """PipelineGenerator.generate_batch: each seed its own generator, so the batch only rounds differently."""
+    from layout_retouch.errors import LayoutRetouchError
+    from layout_retouch.evaluation.generation import GenerationRequest, PipelineGenerator
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = tiny_models.save_tiny_pipeline(tmp_path / "base")
+        concept = load_concept(make_concept(tmp_path / "concepts" / "dog1"))
+        config = LayoutRetouchConfig(method="V", **FAST)
+        requests = [GenerationRequest(concept, "V", "a sks dog in the snow", seed, config) for seed in (3, 4)]
+        generator = PipelineGenerator(str(base))
+        batch = generator.generate_batch(requests)
+        for request, image in zip(requests, batch, strict=True):
+            alone = np.asarray(generator(request), dtype=int)
+            assert np.abs(np.asarray(image, dtype=int) - alone).max() <= 1  # 8-bit levels: rounding at most
+        assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))  # two seeds, two images
+        with pytest.raises(LayoutRetouchError, match="one concept, method, prompt"):
+            generator.generate_batch([requests[0], GenerationRequest(concept, "V", "a sks dog", 5, config)])
+    finally:
+        torch.set_num_threads(before)

@@ -14,7 +14,7 @@ from metric_tiny_models import build_tiny_metric_models, make_concept, metric_cl
 
 from layout_retouch.cli import main
 from layout_retouch.evaluation.concepts import load_concepts
-from layout_retouch.evaluation.jobs import build_jobs
+from layout_retouch.evaluation.jobs import build_jobs, seed_batches
 from layout_retouch.evaluation.runner import RunOptions, run_evaluation
 from layout_retouch.evaluation.scoring import MetricSettings
 
@@ -165,6 +165,51 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path, models, dataset, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "DINO model" in err and "--dino-model" in err
     assert not (tmp_path / "o" / "images").exists()  # failed before generating anything
+    assert main(["evaluate", "--concepts", str(root), "--batch-size", "0", *base]) == 2
+    assert "--batch-size must be 1 or more" in capsys.readouterr().err
     args = _cli_args(dataset, models, tmp_path / "o2") + ["--preference", "imagereward"]
     assert main(args) == 2
     assert "ImageReward is unavailable" in capsys.readouterr().err
+
+
+class Batching(Counting):
+    """A stand-in that takes batches of seeds (as PipelineGenerator does) and records their sizes."""
+
+    def __init__(self, crash_after_batches=None):
+        super().__init__()
+        self.sizes, self.crash_after_batches = [], crash_after_batches
+
+    def generate_batch(self, requests):
+        if self.crash_after_batches is not None and len(self.sizes) == self.crash_after_batches:
+            raise KeyboardInterrupt("simulated kill")
+        self.sizes.append(len(requests))
+        return [Counting.__call__(self, r) for r in requests]
+
+
+def test_seed_batches_hold_the_seeds_of_one_method_and_prompt(dataset):
+    jobs = _jobs(dataset)
+    assert seed_batches(jobs, 1) == [[job] for job in jobs]  # one per call, in the jobs' own order
+    batches = seed_batches(jobs, 2)
+    assert sorted(len(b) for b in batches) == [2, 2, 2, 2]
+    assert Counter(j for b in batches for j in b) == Counter(jobs)
+    for batch in batches:
+        assert len({(j.method, j.prompt_index) for j in batch}) == 1 and len({j.seed for j in batch}) == 2
+    assert [len(b) for b in seed_batches(jobs, 3)] == [2, 2, 2, 2]  # two seeds per prompt here
+
+
+def test_batched_generation_writes_every_image_once_and_resumes(tmp_path, dataset):
+    jobs = _jobs(dataset)
+    out = tmp_path / "batched"
+    first = Batching(crash_after_batches=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(jobs, first, RunOptions(out, metrics=None, progress=False, batch_size=2))
+    assert first.sizes == [2] and len(list(out.rglob("*.png"))) == 2  # the finished batch is kept
+    second = Batching()
+    result = run_evaluation(jobs, second, RunOptions(out, metrics=None, progress=False, batch_size=2))
+    assert result.generated == 6 and second.sizes == [2, 2, 2]
+    total = first.calls + second.calls
+    assert len(total) == 8 and set(total.values()) == {1}
+    # a generator without generate_batch makes one image per call whatever the batch size
+    single = Counting()
+    assert run_evaluation(jobs, single, RunOptions(tmp_path / "single", metrics=None, progress=False,
+                                                   batch_size=4)).generated == 8

@@ -76,6 +76,13 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="JSON file of LayoutRetouchConfig values (method is set per run)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the config's 50)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="seeds of one prompt per pipeline call (faster on GPUs; images then differ from one-seed "
+        "calls by float rounding); default 1",
+    )
     p.add_argument("--device", default="auto", help="auto (accelerate's device per process), cpu, cuda, mps")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     m = p.add_argument_group("metrics")
@@ -137,6 +144,8 @@ def _metric_settings(args) -> MetricSettings | None:
 
 
 def run(args) -> int:
+    if args.batch_size < 1:
+        raise LayoutRetouchError(f"--batch-size must be 1 or more, got {args.batch_size}")
     concepts = load_concepts(args.concepts)
     jobs = build_jobs(_csv(args.methods), concepts, _csv(args.prompts), parse_seeds(args.seeds), args.limit)
     settings = _metric_settings(args)
@@ -155,6 +164,7 @@ def run(args) -> int:
         is_splits=args.is_splits,
         umap=args.umap,
         progress=not args.no_progress,
+        batch_size=args.batch_size,
     )
     result = run_evaluation(jobs, generator, options)
     if result is not None:

@@ -62,17 +62,25 @@ class PipelineGenerator:
         return self._pipe
 
     def __call__(self, request: GenerationRequest) -> Image.Image:
-        pipe = self._pipeline_for(request.concept)
-        reference = str(request.concept.reference_image) if request.config.uses_reference else None
+        return self.generate_batch([request])[0]
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        """Several seeds of one concept, method and prompt in one pipeline call (each seed its own generator)."""
+        first = requests[0]
+        if any((r.concept, r.method, r.prompt, r.config) != (first.concept, first.method, first.prompt, first.config)
+               for r in requests):
+            raise LayoutRetouchError("a batch holds seeds of one concept, method, prompt and config only")
+        pipe = self._pipeline_for(first.concept)
+        reference = str(first.concept.reference_image) if first.config.uses_reference else None
         out = pipe(
-            request.prompt,
+            first.prompt,
             reference_image=reference,
-            config=request.config,
-            num_images_per_prompt=1,
-            generator=torch.Generator().manual_seed(request.seed),
+            config=first.config,
+            num_images_per_prompt=len(requests),
+            generator=[torch.Generator().manual_seed(r.seed) for r in requests],
             output_type="pil",
         )
-        return out.images[0]
+        return out.images
 
     def release(self) -> None:
         self._pipe = None

@@ -40,6 +40,19 @@ class Job:
         return Path(out_dir) / SCORES_DIR / self.relative_stem.with_suffix(".safetensors")
 
 
+def seed_batches(jobs: Sequence[Job], size: int) -> list[list[Job]]:
+    """Jobs that differ only in their seed, up to `size` at a time (one pipeline call makes them together).
+
+    Groups come in the order of their first job; with `size` 1 the jobs keep their own order.
+    """
+    if size <= 1:
+        return [[job] for job in jobs]
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.method, job.concept, job.prompt_set, job.prompt_index), []).append(job)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
 def build_jobs(
     methods: Sequence[str],
     concepts: Sequence[Concept],

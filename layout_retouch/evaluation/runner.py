@@ -23,7 +23,7 @@ from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import ImageInputError
 from layout_retouch.evaluation.aggregate import ImageResult, aggregate
 from layout_retouch.evaluation.generation import GenerationRequest, ImageGenerator
-from layout_retouch.evaluation.jobs import Job
+from layout_retouch.evaluation.jobs import Job, seed_batches
 from layout_retouch.evaluation.report import write_report
 from layout_retouch.evaluation.scoring import MetricSettings, MetricSuite
 from layout_retouch.evaluation.storage import (
@@ -47,6 +47,10 @@ class RunOptions:
     is_splits: int = DEFAULT_IS_SPLITS
     umap: bool = False
     progress: bool = True
+    # Seeds of one concept, method and prompt made in one call, where the generator takes batches
+    # (`generate_batch`): on a GPU more images per second; images differ from one-seed calls by float
+    # rounding only. 1 (one image per call) keeps a run's images bit-identical to earlier runs'.
+    batch_size: int = 1
 
 
 @dataclass
@@ -129,14 +133,19 @@ def run_evaluation(
             disable=not options.progress or not state.is_main_process,
             unit="step",
         )
-        for job in to_generate:
-            bar.set_postfix_str(f"generate {job.method} {job.concept.name} p{job.prompt_index} s{job.seed}")
+        batched = hasattr(generator, "generate_batch")
+        for batch in seed_batches(to_generate, options.batch_size if batched else 1):
+            job = batch[0]
+            seeds = ",".join(str(j.seed) for j in batch)
+            bar.set_postfix_str(f"generate {job.method} {job.concept.name} p{job.prompt_index} s{seeds}")
             config = options.base_config.replace(method=job.method)
-            image = generator(GenerationRequest(job.concept, job.method, job.prompt, job.seed, config))
-            info = {**_job_info(job, out_dir), "prompt": job.prompt, "config": config.to_dict()}
-            save_image_atomic(image, job.image_path(out_dir), info)
-            generated += 1
-            bar.update()
+            requests = [GenerationRequest(j.concept, j.method, j.prompt, j.seed, config) for j in batch]
+            images = generator.generate_batch(requests) if batched else [generator(requests[0])]
+            for job, image in zip(batch, images, strict=True):  # each written whole, as soon as it exists
+                info = {**_job_info(job, out_dir), "prompt": job.prompt, "config": config.to_dict()}
+                save_image_atomic(image, job.image_path(out_dir), info)
+                generated += 1
+                bar.update()
         if to_score:
             if hasattr(generator, "release"):
                 generator.release()  # the metric models get the memory
