@@ -1,6 +1,7 @@
 """The evaluation runner: outputs, resume after a crash, two processes, CLI errors."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from metric_tiny_models import build_tiny_metric_models, make_concept, metric_cli_args, stand_in_generator
+from PIL import Image
 
 from layout_retouch.cli import main
 from layout_retouch.evaluation.concepts import load_concepts
@@ -209,6 +211,8 @@ def test_batched_generation_writes_every_image_once_and_resumes(tmp_path, datase
     assert result.generated == 6 and second.sizes == [2, 2, 2]
     total = first.calls + second.calls
     assert len(total) == 8 and set(total.values()) == {1}
+    info = json.loads(Image.open(jobs[0].image_path(out)).text["layout_retouch"])
+    assert info["seed"] == jobs[0].seed and sorted(info["seeds_in_call"]) == [0, 1]  # saved with the image
     # a generator without generate_batch makes one image per call whatever the batch size
     single = Counting()
     assert run_evaluation(jobs, single, RunOptions(tmp_path / "single", metrics=None, progress=False,

@@ -141,8 +141,10 @@ def run_evaluation(
             config = options.base_config.replace(method=job.method)
             requests = [GenerationRequest(j.concept, j.method, j.prompt, j.seed, config) for j in batch]
             images = generator.generate_batch(requests) if batched else [generator(requests[0])]
+            made_with = [j.seed for j in batch]  # the seeds of its call: a batch rounds differently
             for job, image in zip(batch, images, strict=True):  # each written whole, as soon as it exists
-                info = {**_job_info(job, out_dir), "prompt": job.prompt, "config": config.to_dict()}
+                info = {**_job_info(job, out_dir), "prompt": job.prompt, "config": config.to_dict(),
+                        "seeds_in_call": made_with}
                 save_image_atomic(image, job.image_path(out_dir), info)
                 generated += 1
                 bar.update()
