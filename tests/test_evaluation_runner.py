@@ -1,4 +1,4 @@
-"""The evaluation runner: outputs, resume after a crash, two processes, CLI errors."""
+"""The evaluation runner: outputs, resume after a crash, two processes, seed batches, CLI errors."""
 
 import csv
 import json
