@@ -49,14 +49,19 @@ def check_same_images(pipe, kind: str, folder: str, token: str, dtype: torch.dty
     """The full method's variants that must give its default images; returns the number of failures."""
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
 
-    def compare(name: str, expected, make) -> int:  # both callables: a failure in either is reported
+    def check(name: str, measure) -> int:
+        """Report one comparison (`measure` gives its message and whether it failed); count a failure."""
         try:
-            diff = (make() - expected()).abs().max().item()
-            print(f"{kind:18s} {str(dtype):14s} V   {name} max|diff|={diff:.2e}")
-            return int(diff > tolerance)
+            message, failed = measure()
+            print(f"{kind:18s} {str(dtype):14s} V   {name} {message}")
+            return int(failed)
         except Exception as err:  # report every failure, not just the first
             print(f"{kind:18s} {str(dtype):14s} V   {name} FAILED: {type(err).__name__}: {err}")
             return 1
+
+    def largest(expected, make):  # both callables: a failure in either is reported
+        diff = (make() - expected()).abs().max().item()
+        return f"max|diff|={diff:.2e}", diff > tolerance
 
     def fresh(**overrides) -> torch.Tensor:  # every run records the reference in its first Stage 2
         pipe.clear_feature_cache()
@@ -78,27 +83,22 @@ def check_same_images(pipe, kind: str, folder: str, token: str, dtype: torch.dty
         with tempfile.TemporaryDirectory() as cache:
             return run(other, token, "V", cache, masks=True)
 
-    def agree(name: str, expected, make) -> int:
+    def agree(expected, make):
         """Other batch shapes and matmul shapes round differently: in fp16 a mask pixel may flip at its
         threshold (as the CPU tests allow), which moves a few latents by more than rounding, so the mean
         difference and the masks' agreement are compared."""
-        try:
-            (want, want_mask), (got, got_mask) = expected(), make()
-            diff, agreement = (got - want).abs(), float((got_mask == want_mask).mean())
-            print(f"{kind:18s} {str(dtype):14s} V   {name} max|diff|={diff.max():.2e} "
-                  f"mean|diff|={diff.mean():.2e} mask agreement={agreement:.4f}")
-            return int(diff.mean() > tolerance or agreement < 0.99)
-        except Exception as err:
-            print(f"{kind:18s} {str(dtype):14s} V   {name} FAILED: {type(err).__name__}: {err}")
-            return 1
+        (want, want_mask), (got, got_mask) = expected(), make()
+        diff, agreement = (got - want).abs(), float((got_mask == want_mask).mean())
+        return (f"max|diff|={diff.max():.2e} mean|diff|={diff.mean():.2e} mask agreement={agreement:.4f}",
+                diff.mean() > tolerance or agreement < 0.99)
 
     reference = fresh()
-    failures = sum(compare(name, lambda: reference, lambda o=overrides: fresh(**o))
+    failures = sum(check(name, lambda o=overrides: largest(lambda: reference, lambda: fresh(**o)))
                    for name, overrides in SAME_IMAGES.items())
-    failures += compare("offload", lambda: reference, offloaded)
-    failures += agree("inversion riding in Stage 1", lambda: inverted(False), lambda: inverted(True))
+    failures += check("offload", lambda: largest(lambda: reference, offloaded))
+    failures += check("inversion riding in Stage 1", lambda: agree(lambda: inverted(False), lambda: inverted(True)))
     if kind != "lora":  # a LoRA switches the projections' weights: fusing is refused
-        failures += agree("fused projections", lambda: inverted(True), fused)
+        failures += check("fused projections", lambda: agree(lambda: inverted(True), fused))
     return failures
 
 

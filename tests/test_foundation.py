@@ -272,8 +272,7 @@ def test_generate_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert cli(*common, "--prompt-file", prompts, "--skip-existing") == 0
     assert files[0].stat().st_mtime_ns == before
     # Fused attention projections: the same images, and said next to them.
-    fused = [*common[:common.index("--out")], "--out", tmp_path / "fused", *common[common.index("--out") + 2:]]
-    assert cli(*fused, "--prompt-file", prompts, "--fuse-qkv") == 0
+    assert cli(*common, "--prompt-file", prompts, "--fuse-qkv", "--out", tmp_path / "fused") == 0  # the last --out
     twin = tmp_path / "fused" / files[0].relative_to(out)
     assert json.loads(twin.with_suffix(".json").read_text())["models"]["fused_qkv_projections"] is True
     difference = np.abs(np.asarray(Image.open(twin), dtype=int) - np.asarray(Image.open(files[0]), dtype=int))

@@ -135,16 +135,15 @@ def run_evaluation(
         )
         batched = hasattr(generator, "generate_batch")
         for batch in seed_batches(to_generate, options.batch_size if batched else 1):
-            job = batch[0]
-            seeds = ",".join(str(j.seed) for j in batch)
-            bar.set_postfix_str(f"generate {job.method} {job.concept.name} p{job.prompt_index} s{seeds}")
+            job, seeds = batch[0], [j.seed for j in batch]  # the seeds of one call: a batch rounds differently
+            bar.set_postfix_str(f"generate {job.method} {job.concept.name} p{job.prompt_index} "
+                                f"s{','.join(map(str, seeds))}")
             config = options.base_config.replace(method=job.method)
             requests = [GenerationRequest(j.concept, j.method, j.prompt, j.seed, config) for j in batch]
             images = generator.generate_batch(requests) if batched else [generator(requests[0])]
-            made_with = [j.seed for j in batch]  # the seeds of its call: a batch rounds differently
             for job, image in zip(batch, images, strict=True):  # each written whole, as soon as it exists
                 info = {**_job_info(job, out_dir), "prompt": job.prompt, "config": config.to_dict(),
-                        "seeds_in_call": made_with}
+                        "seeds_in_call": seeds}
                 save_image_atomic(image, job.image_path(out_dir), info)
                 generated += 1
                 bar.update()
