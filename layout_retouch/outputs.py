@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,21 @@ from layout_retouch.errors import LayoutRetouchError
 
 def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def digest(value, length: int = 10) -> str:
+    """Short hex digest of a string exactly as given, or of a JSON value in canonical form."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def prompt_folder(prompt: str, limit: int = 40) -> str:
+    """A folder name per prompt that cannot collide: a readable slug (accents folded to ASCII) plus a
+    digest of the exact prompt, so prompts differing in punctuation, case, past the slug's length or in
+    non-ASCII text never share a folder."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    readable = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:limit].strip("-") or "prompt"
+    return f"{readable}-{digest(prompt, 8)}"
 
 
 def _readable_temp(folder: Path, name: str) -> tuple[int, str]:
@@ -65,19 +82,51 @@ def save_result(image: Image.Image, path: Path, parameters: dict) -> Path:
     return path
 
 
+OUTPUT_KEY = "output_key"  # the sidecar's record of the parameters that make the image
+
+
 def is_finished(path: Path) -> bool:
     return path.is_file() and path.with_suffix(".json").is_file()
 
 
-def check_not_overwriting(paths: list[Path], overwrite: bool, skip_existing: bool) -> list[Path]:
-    """The paths still to produce; an existing one is an error unless overwriting or skipping."""
-    existing = [p for p in paths if is_finished(p)]
-    if existing and not (overwrite or skip_existing):
+def recorded_key(path: Path) -> dict | None:
+    """The output key in a finished result's sidecar (None: unreadable, or written without one)."""
+    try:
+        return json.loads(path.with_suffix(".json").read_text()).get(OUTPUT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _differences(recorded: dict | None, wanted: dict) -> str:
+    if not isinstance(recorded, dict):
+        return "no recorded parameters"
+    keys = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    return ", ".join(keys)
+
+
+def check_not_overwriting(planned: dict[Path, dict], overwrite: bool, skip_existing: bool) -> list[Path]:
+    """The paths still to produce, given each path's output key (the parameters that make its image).
+
+    An existing result is an error unless overwriting, or skipping one whose recorded key equals the
+    wanted one: `--skip-existing` never takes another result for this one because the name matches.
+    """
+    wanted = {path: json.loads(json.dumps(key, sort_keys=True, default=str)) for path, key in planned.items()}
+    existing = [p for p in wanted if is_finished(p)]
+    if overwrite:
+        return list(wanted)
+    if existing and not skip_existing:
         raise LayoutRetouchError(
             f"{len(existing)} output(s) already exist (e.g. {existing[0]}); pass --skip-existing to resume "
             "or --overwrite to replace them"
         )
-    return [p for p in paths if overwrite or not is_finished(p)]
+    for path in existing:
+        recorded = recorded_key(path)
+        if recorded != wanted[path]:
+            raise LayoutRetouchError(
+                f"{path} holds a result made with other parameters ({_differences(recorded, wanted[path])}); "
+                "--skip-existing keeps only results of the same parameters: pass another --out or --overwrite"
+            )
+    return [p for p in wanted if p not in existing]
 
 
 def mask_image(mask: np.ndarray, size: tuple[int, int] | None = None) -> Image.Image:

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from layout_retouch.cli.options import add_method_options, add_model_options, config_from_args
+from layout_retouch.cli.options import (
+    add_method_options,
+    add_model_options,
+    add_threads_option,
+    config_from_args,
+    set_threads,
+)
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import load_reference_image
-from layout_retouch.outputs import check_not_overwriting, mask_image, save_png, save_result, slug
+from layout_retouch.outputs import (
+    OUTPUT_KEY,
+    check_not_overwriting,
+    digest,
+    mask_image,
+    prompt_folder,
+    save_png,
+    save_result,
+)
 from layout_retouch.pipeline import load_pipeline_from_args
 from layout_retouch.prompts import derive_prompts
 
@@ -33,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--skip-existing", action="store_true", help="resume: keep finished results")
     g.add_argument("--overwrite", action="store_true", help="replace finished results")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_option(g)
     p.set_defaults(func=run)
 
 
@@ -49,6 +65,47 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+# Settings that change speed or memory, not the image beyond float rounding: not part of a result's key.
+PERFORMANCE_FIELDS = ("record_layout_features", "layout_feature_budget_mb", "cache_reference_features",
+                      "reference_feature_budget_mb", "feature_offload", "device_feature_budget_mb",
+                      "skip_replaced_attention", "share_inversion_calls", "inversion_cache_dir", "extra")
+
+
+def _source(value: str | None) -> str | None:
+    """A model given as a local path is keyed by its absolute path (a hub id stays as given)."""
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def image_key(args, config, reference_digest: str | None) -> dict:
+    """What makes an image besides its prompt, seed and index: the models, the method's values (T_l and
+    S_mask resolved, so 0.1 of 50 steps and 5 steps are one key) and the reference photo's content."""
+    method = {k: v for k, v in config.to_dict().items() if k not in PERFORMANCE_FIELDS}
+    method.update(vanilla_steps=config.num_vanilla_steps, mask_start_step=config.mask_start)
+    models = {"base": _source(args.base), "base_config": _source(args.base_config),
+              "personalized": _source(args.personalized), "personalization": args.personalization,
+              "token": args.token, "class_word": args.class_word, "dtype": args.dtype}
+    return {"models": models, "config": method,
+            "reference": reference_digest if config.uses_reference else None, "num_images": args.num_images}
+
+
+def plan_outputs(out: Path, prompts: list[str], seeds: list[int], key: dict) -> list[tuple[str, int, dict]]:
+    """Every (prompt, seed) with its files and their output keys: a folder per exact prompt, a file per
+    seed and index, named by a digest of the parameters, so no two results can share a name."""
+    suffix = digest(key, 8)
+    jobs = []
+    for prompt in dict.fromkeys(prompts):
+        folder = out / prompt_folder(prompt)
+        for seed in dict.fromkeys(seeds):
+            files = {folder / f"seed{seed}_{i}-{suffix}.png": {"prompt": prompt, "seed": seed, "index": i, **key}
+                     for i in range(key["num_images"])}
+            jobs.append((prompt, seed, files))
+    return jobs
+
+
 def run(args) -> int:
     prompts = read_prompts(args)
     try:
@@ -59,32 +116,34 @@ def run(args) -> int:
     if args.token:  # fail on a bad prompt before loading any model
         for prompt in prompts:
             derive_prompts(prompt, args.token, args.class_word or "")
+    reference_digest = None
+    if config.uses_reference:
+        if not args.reference:
+            raise LayoutRetouchError(f"method {config.method} needs --reference (a photo of the subject)")
+        load_reference_image(args.reference, (8, 8))  # fail before loading models if it is unusable
+        reference_digest = file_digest(args.reference)
     out = Path(args.out)
-    jobs = [(prompt, seed, [out / slug(prompt) / f"seed{seed}_{i}.png" for i in range(args.num_images)])
-            for prompt in prompts for seed in seeds]
-    todo = set(check_not_overwriting([p for _, _, paths in jobs for p in paths], args.overwrite,
+    jobs = plan_outputs(out, prompts, seeds, image_key(args, config, reference_digest))
+    todo = set(check_not_overwriting({p: k for _, _, files in jobs for p, k in files.items()}, args.overwrite,
                                      args.skip_existing))
     jobs = [job for job in jobs if any(p in todo for p in job[2])]
     if not jobs:
         print(f"nothing to do: every result is already in {out}")
         return 0
-    if config.uses_reference:
-        if not args.reference:
-            raise LayoutRetouchError(f"method {config.method} needs --reference (a photo of the subject)")
-        load_reference_image(args.reference, (8, 8))  # fail before loading models if it is unusable
+    set_threads(args.threads)
     pipe = load_pipeline_from_args(args)
     pipe.progress = not args.quiet
-    for prompt, seed, paths in tqdm(jobs, desc="generate", disable=args.quiet):
+    for prompt, seed, files in tqdm(jobs, desc="generate", disable=args.quiet):
         generator = torch.Generator("cpu").manual_seed(seed)
-        result = pipe(prompt, reference_image=args.reference, config=config, num_images_per_prompt=len(paths),
+        result = pipe(prompt, reference_image=args.reference, config=config, num_images_per_prompt=len(files),
                       generator=generator, save_intermediates=args.save_intermediates)
         base = {"prompt": prompt, "seed": seed, "prompts": vars(result.prompts), "config": result.config,
                 "models": pipe.models.sources, "reference": args.reference}
-        for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
-            save_result(image, path, {**base, "index": i})
+        for i, (image, (path, key)) in enumerate(zip(result.images, files.items(), strict=True)):
+            save_result(image, path, {**base, "index": i, OUTPUT_KEY: key})
             if args.save_intermediates:
                 write_intermediates(result, i, path)
-    print(f"wrote {sum(len(p) for _, _, p in jobs)} image(s) to {out}")
+    print(f"wrote {sum(len(f) for _, _, f in jobs)} image(s) to {out}")
     return 0
 
 
