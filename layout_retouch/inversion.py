@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from layout_retouch.errors import ImageInputError
+from layout_retouch.progress import Progress, track
 
 
 @dataclass
@@ -105,17 +105,17 @@ class DDIMInversion:
         self.states.append(a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps)
 
     @torch.no_grad()
-    def run(self, unet, progress: bool = True) -> InversionTrajectory:
+    def run(self, unet, progress: Progress = True) -> InversionTrajectory:
         """Take the steps not yet taken, each in a UNet call of its own."""
         remaining = len(self.timesteps) + 1 - len(self.states)
-        for _ in tqdm(range(remaining), desc="invert reference", disable=not progress or not remaining, leave=False):
+        for _ in track(range(remaining), "invert reference", progress if remaining else False):
             self.advance(unet(self.latent, self.timestep, encoder_hidden_states=self.embedding).sample)
         return InversionTrajectory(self.states[::-1], self.timesteps)
 
 
 @torch.no_grad()
 def ddim_invert(unet, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor,
-                progress: bool = True) -> InversionTrajectory:
+                progress: Progress = True) -> InversionTrajectory:
     """Run DDIM backwards (eta 0, no guidance) from the clean latent up through `timesteps`."""
     return DDIMInversion(scheduler, latent, timesteps, embedding).run(unet, progress)
 

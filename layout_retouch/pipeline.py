@@ -33,6 +33,7 @@ from layout_retouch.inversion import (
 from layout_retouch.layers import attention_layers, select_map_layers
 from layout_retouch.masks import box_and_peak, resize_mask
 from layout_retouch.models import ModelPair, load_model_pair
+from layout_retouch.progress import Progress
 from layout_retouch.prompts import SubjectPrompts, derive_prompts, subject_token_indices
 from layout_retouch.sampling import Conditioning, attention_control, encode_text
 from layout_retouch.segmenters import load_segmenter
@@ -76,10 +77,10 @@ class PendingInversion(NamedTuple):
 class LayoutRetouchPipeline:
     """Layout-and-Retouch on a vanilla / personalized model pair (see ALGORITHM.md)."""
 
-    def __init__(self, models: ModelPair, config: LayoutRetouchConfig | None = None, progress: bool = True):
+    def __init__(self, models: ModelPair, config: LayoutRetouchConfig | None = None, progress: Progress = True):
         self.models = models
         self.config = config or LayoutRetouchConfig()
-        self.progress = progress
+        self.progress = progress  # tqdm bars, none, or a callback per step (layout_retouch/progress.py)
         self._segmenters: dict = {}
         self._fingerprint: str | None = None
 
@@ -153,7 +154,7 @@ class LayoutRetouchPipeline:
             )
 
         prompts = self.derive_prompts(prompt)
-        cond = self.encode_prompts(prompts, config)
+        cond = self.encode_prompts(prompts, None if config.is_baseline else config)
         scheduler = models.scheduler
         scheduler.set_timesteps(config.num_inference_steps, device=self.execution_device)
         timesteps = scheduler.timesteps
@@ -161,6 +162,12 @@ class LayoutRetouchPipeline:
             shape = (n, models.pipe.unet.config.in_channels, *latent_size)
             latents = randn_tensor(shape, generator=generator, device=self.execution_device, dtype=self.dtype)
             latents = latents * scheduler.init_noise_sigma
+        if config.is_baseline:  # the paper's baselines: the same noise, prompts and models (baselines/)
+            from layout_retouch.baselines import run_baseline
+
+            result = run_baseline(self, config, cond, latents, timesteps, reference_image, (height, width))
+            return LayoutRetouchOutput(images=self.decode(result, output_type), layout_images=None, prompts=prompts,
+                                       config=config.to_dict())
 
         # The reference photo, inverted now if cached, else alongside Stage 1 (its calls carry the steps).
         ref_image = reference = inversion = None

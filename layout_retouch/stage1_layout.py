@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from layout_retouch.attention_control import INVERSION, LAYOUT, AttentionController
 from layout_retouch.inversion import DDIMInversion
 from layout_retouch.models import ModelPair
+from layout_retouch.progress import Progress, track
 from layout_retouch.sampling import Conditioning, PathInput, guided_eps
 
 
@@ -44,7 +44,7 @@ def step_blended_denoise(
     guidance_scale: float,
     eta: float = 0.0,
     controller: AttentionController | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     inversion: DDIMInversion | None = None,
 ) -> LayoutTrajectory:
     """DDIM with CFG; steps k < vanilla_steps on the vanilla model and P_v, the rest personalized and P_p.
@@ -54,7 +54,7 @@ def step_blended_denoise(
     scheduler = pair.scheduler
     trajectory = [latents]
     unguided = Conditioning(inversion.embedding, None, []) if inversion is not None else None
-    for k, t in enumerate(tqdm(timesteps, desc="stage 1 layout", disable=not progress, leave=False)):
+    for k, t in enumerate(track(timesteps, "stage 1 layout", progress)):
         if controller is not None:
             controller.begin_step(k)
         model, cond = layout_conditioning(k, vanilla_steps, vanilla, personalized)

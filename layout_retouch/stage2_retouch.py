@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from layout_retouch.attention_control import LAYOUT, REFERENCE, TARGET, AttentionController
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.inversion import InversionTrajectory
 from layout_retouch.masks import AdaptiveMask, adaptive_mask, resize_mask, threshold_map
 from layout_retouch.models import ModelPair
+from layout_retouch.progress import Progress, track
 from layout_retouch.sampling import Conditioning, PathInput, guided_eps
 from layout_retouch.stage1_layout import LayoutTrajectory, layout_conditioning
 
@@ -62,7 +62,7 @@ def retouch(
     timesteps: torch.Tensor,
     layout: LayoutTrajectory | None,
     reference: InversionTrajectory | None,
-    progress: bool = True,
+    progress: Progress = True,
     reference_from: int = 0,
 ) -> torch.Tensor:
     """Denoise the target with the reference and layout paths beside it; return its clean latent.
@@ -74,7 +74,7 @@ def retouch(
     scheduler = pair.scheduler
     vanilla_steps = config.num_vanilla_steps
     latents = target_latents
-    for k, t in enumerate(tqdm(timesteps, desc="stage 2 retouch", disable=not progress, leave=False)):
+    for k, t in enumerate(track(timesteps, "stage 2 retouch", progress)):
         controller.begin_step(k)
         paths = []
         if reference is not None and REFERENCE not in controller.features and k >= reference_from:
