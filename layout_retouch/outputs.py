@@ -82,6 +82,17 @@ def save_result(image: Image.Image, path: Path, parameters: dict) -> Path:
     return path
 
 
+# Settings that change speed or memory, not the image beyond float rounding: not part of a result's key.
+PERFORMANCE_FIELDS = ("record_layout_features", "layout_feature_budget_mb", "cache_reference_features",
+                      "reference_feature_budget_mb", "feature_offload", "device_feature_budget_mb",
+                      "skip_replaced_attention", "share_inversion_calls", "inversion_cache_dir", "extra")
+
+
+def image_config(config: dict) -> dict:
+    """A config's values that make the image (as JSON would hold them), for comparing two results."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in PERFORMANCE_FIELDS}, default=str))
+
+
 OUTPUT_KEY = "output_key"  # the sidecar's record of the parameters that make the image
 
 

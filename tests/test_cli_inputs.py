@@ -76,3 +76,36 @@ def test_skip_existing_matches_recorded_parameters(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "other parameters (seed)" in err and len(err.strip().splitlines()) == 1
     assert first.stat().st_mtime_ns == before
+
+
+def test_evaluate_refuses_images_of_other_parameters(tmp_path, capsys):
+    """evaluate files an image by prompt index and seed: rerunning into the same --out with other steps, or
+    a prompt file of the same name, must stop with one line, not take the old images for the new run's."""
+    from metric_tiny_models import make_concept
+
+    from layout_retouch.errors import LayoutRetouchError
+    from layout_retouch.evaluation.concepts import load_concepts
+    from layout_retouch.evaluation.jobs import build_jobs
+
+    root = tmp_path / "concepts"
+    make_concept(root / "dog1", n_images=1)
+    set_a, set_b = tmp_path / "a" / "set.txt", tmp_path / "b" / "set.txt"
+    for path, line in ((set_a, "a {} in the snow"), (set_b, "a {} on the beach")):
+        path.parent.mkdir()
+        path.write_text(line + "\n")
+    with pytest.raises(LayoutRetouchError, match="would share the folder 'set'"):
+        build_jobs(["I"], load_concepts([root]), [str(set_a), str(set_b)], [0])
+    out = tmp_path / "out"
+    args = ["evaluate", "--concepts", root, "--out", out, "--methods", "I", "--seeds", 1, "--metrics", "none",
+            "--generator", "metric_tiny_models:stand_in_generator", "--no-progress"]
+    assert cli(*args, "--prompts", set_a, "--steps", 3) == 0
+    (image,) = out.rglob("*.png")
+    before = image.stat().st_mtime_ns
+    assert cli(*args, "--prompts", set_a, "--steps", 3) == 0  # same run: resumes
+    changes = ((["--prompts", set_a, "--steps", 4], "config"), (["--prompts", set_b, "--steps", 3], "prompt"))
+    for changed, what in changes:
+        capsys.readouterr()
+        assert cli(*args, *changed) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"was made with another {what}" in err and len(err.splitlines()) == 1
+    assert image.stat().st_mtime_ns == before

@@ -22,6 +22,7 @@ from layout_retouch.outputs import (
     OUTPUT_KEY,
     check_not_overwriting,
     digest,
+    image_config,
     mask_image,
     prompt_folder,
     save_png,
@@ -65,12 +66,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-# Settings that change speed or memory, not the image beyond float rounding: not part of a result's key.
-PERFORMANCE_FIELDS = ("record_layout_features", "layout_feature_budget_mb", "cache_reference_features",
-                      "reference_feature_budget_mb", "feature_offload", "device_feature_budget_mb",
-                      "skip_replaced_attention", "share_inversion_calls", "inversion_cache_dir", "extra")
-
-
 def _source(value: str | None) -> str | None:
     """A model given as a local path is keyed by its absolute path (a hub id stays as given)."""
     return str(Path(value).resolve()) if value and Path(value).exists() else value
@@ -83,7 +78,7 @@ def file_digest(path: str) -> str:
 def image_key(args, config, reference_digest: str | None) -> dict:
     """What makes an image besides its prompt, seed and index: the models, the method's values (T_l and
     S_mask resolved, so 0.1 of 50 steps and 5 steps are one key) and the reference photo's content."""
-    method = {k: v for k, v in config.to_dict().items() if k not in PERFORMANCE_FIELDS}
+    method = image_config(config.to_dict())
     method.update(vanilla_steps=config.num_vanilla_steps, mask_start_step=config.mask_start)
     models = {"base": _source(args.base), "base_config": _source(args.base_config),
               "personalized": _source(args.personalized), "personalization": args.personalization,

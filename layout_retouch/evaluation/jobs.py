@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layout_retouch.config import resolve_method
+from layout_retouch.errors import PromptError
 from layout_retouch.evaluation.concepts import Concept
 from layout_retouch.evaluation.prompt_sets import fill, load_prompt_set, prompt_set_label, resolve_prompt_set
 
@@ -65,9 +66,19 @@ def build_jobs(
     methods = list(dict.fromkeys(resolve_method(m) for m in methods))
     jobs = []
     for concept in concepts:
+        seen: dict[str, str] = {}  # folder label -> the set filed under it
         for set_name in prompt_sets:
+            resolved = resolve_prompt_set(set_name, concept.live)
+            label = prompt_set_label(resolved)
+            source = resolved if label == resolved else str(Path(resolved).resolve())
+            if label in seen:
+                if seen[label] != source:
+                    raise PromptError(
+                        f"prompt sets {seen[label]} and {source} would share the folder {label!r}: rename one"
+                    )
+                continue  # the same set named twice
+            seen[label] = source
             templates = load_prompt_set(set_name, concept.live)
-            label = prompt_set_label(resolve_prompt_set(set_name, concept.live))
             for index, template in enumerate(templates):
                 for seed in seeds:
                     for method in methods:

@@ -27,6 +27,7 @@ from layout_retouch.evaluation.jobs import Job, seed_batches
 from layout_retouch.evaluation.report import write_report
 from layout_retouch.evaluation.scoring import MetricSettings, MetricSuite
 from layout_retouch.evaluation.storage import (
+    INFO_KEY,
     load_record,
     read_record_metadata,
     remove_stale_temps,
@@ -35,6 +36,7 @@ from layout_retouch.evaluation.storage import (
 )
 from layout_retouch.metrics.inception_score import DEFAULT_IS_SPLITS
 from layout_retouch.metrics.loading import process_state
+from layout_retouch.outputs import image_config
 
 SIGNATURE_KEY = "metric_settings"
 
@@ -84,6 +86,36 @@ def _record_current(job: Job, out_dir: Path, signature: str) -> bool:
         return False
 
 
+def _recorded_info(path: Path) -> dict | None:
+    """The parameters saved in a generated image (None: none recorded, e.g. an image put there by hand)."""
+    try:
+        with Image.open(path) as im:
+            return json.loads(im.info.get(INFO_KEY) or "null")
+    except (OSError, ValueError):
+        return None  # unreadable: reported when it is scored
+
+
+def _check_existing(jobs: Sequence[Job], out_dir: Path, base_config: LayoutRetouchConfig | None) -> None:
+    """Refuse, before any work, an existing image made for another prompt, seed or config: its file name
+    (prompt index, seed) alone does not say it is this job's, and resuming must not take it for one."""
+    for job in jobs:
+        path = job.image_path(out_dir)
+        info = _recorded_info(path) if path.is_file() else None
+        if not isinstance(info, dict):
+            continue
+        wanted = {"prompt": job.prompt, "seed": job.seed, "method": job.method}
+        got = {k: info.get(k) for k in wanted}
+        if base_config is not None and isinstance(info.get("config"), dict):
+            wanted["config"] = image_config(base_config.replace(method=job.method).to_dict())
+            got["config"] = image_config(info["config"])
+        differ = [k for k in wanted if got[k] != wanted[k]]
+        if differ:
+            raise ImageInputError(
+                f"{path} was made with another {' and '.join(differ)} than this run asks for; pass another "
+                "--out, or delete the images to redo them"
+            )
+
+
 def _open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
@@ -107,6 +139,7 @@ def run_evaluation(
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)
+    _check_existing(jobs, out_dir, options.base_config if generator is not None else None)
     state.wait_for_everyone()
 
     def finished(job: Job) -> bool:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 TEMP_MARK = ".partial"
+INFO_KEY = "layout_retouch"  # the PNG text chunk that holds an image's generation parameters
 
 
 def _temp_path(path: Path) -> Path:
@@ -28,7 +29,7 @@ def save_image_atomic(image: Image.Image, path: str | Path, info: dict | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     chunk = PngImagePlugin.PngInfo()
     if info:
-        chunk.add_text("layout_retouch", json.dumps(info, sort_keys=True))
+        chunk.add_text(INFO_KEY, json.dumps(info, sort_keys=True))
     tmp = _temp_path(path)
     image.save(tmp, format="PNG", pnginfo=chunk)
     os.replace(tmp, path)
