@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from layout_retouch.errors import LayoutRetouchError
 
-Method = Literal["I", "II", "III", "IV", "V"]
+Method = Literal["I", "II", "III", "IV", "V", "freeu", "magicfusion", "dreammatcher"]
+# The paper's Tables 1-2 baselines (layout_retouch/baselines/): each a plug-in on plain personalized sampling.
+BASELINES = ("freeu", "magicfusion", "dreammatcher")
 
 METHOD_NAMES: dict[str, Method] = {
     "I": "I", "personalized": "I", "plain": "I",
@@ -21,6 +23,7 @@ METHOD_NAMES: dict[str, Method] = {
     "III": "III", "single-pass": "III", "masactrl": "III",
     "IV": "IV", "multi-source": "IV", "no-mask": "IV",
     "V": "V", "full": "V", "layout-retouch": "V",
+    "freeu": "freeu", "magicfusion": "magicfusion", "dreammatcher": "dreammatcher",
 }
 
 # The performance switches below, off: the straightforward implementation of the spec, which every
@@ -34,7 +37,8 @@ class LayoutRetouchConfig:
     """Hyperparameters of both stages; `method` picks the ablation row of the paper's Table 4."""
 
     # --- ablation row (paper, Table 4): I plain personalized, II + step-blending, III + single-pass
-    # reference swap, IV + multi-source swap, V + adaptive mask blending (the full method).
+    # reference swap, IV + multi-source swap, V + adaptive mask blending (the full method). Or one of the
+    # paper's baselines on plain personalized sampling: freeu, magicfusion, dreammatcher (Tables 1-2).
     method: Method = "V"
 
     # --- sampling (paper sec. 4 / diffusers SD 1.x defaults)
@@ -119,6 +123,10 @@ class LayoutRetouchConfig:
     # a timestep per batch row: a concept's first image costs T_l inversion calls instead of T.
     share_inversion_calls: bool = True
 
+    # Baselines' hyperparameters that differ from their defaults, per baseline: {"freeu": {"b1": 1.5}}; the
+    # defaults and their sources are in each baseline's config dataclass (layout_retouch/baselines/).
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with outputs
 
     def __post_init__(self) -> None:
@@ -141,7 +149,7 @@ class LayoutRetouchConfig:
     @property
     def num_vanilla_steps(self) -> int:
         """T_l as a step count."""
-        if self.method == "I":
+        if self.method == "I" or self.is_baseline:
             return 0
         v = self.vanilla_steps
         return round(v * self.num_inference_steps) if isinstance(v, float) else v
@@ -155,8 +163,13 @@ class LayoutRetouchConfig:
         return self.ref_min_resolution if self.mask_min_resolution is None else self.mask_min_resolution
 
     @property
+    def is_baseline(self) -> bool:
+        return self.method in BASELINES
+
+    @property
     def uses_reference(self) -> bool:
-        return self.method in ("III", "IV", "V")
+        """Whether a reference photo is needed (rows III-V, and DreamMatcher)."""
+        return self.method in ("III", "IV", "V", "dreammatcher")
 
     @property
     def uses_layout_path(self) -> bool:

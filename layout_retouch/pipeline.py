@@ -154,7 +154,7 @@ class LayoutRetouchPipeline:
             )
 
         prompts = self.derive_prompts(prompt)
-        cond = self.encode_prompts(prompts, config)
+        cond = self.encode_prompts(prompts, None if config.is_baseline else config)
         scheduler = models.scheduler
         scheduler.set_timesteps(config.num_inference_steps, device=self.execution_device)
         timesteps = scheduler.timesteps
@@ -162,6 +162,12 @@ class LayoutRetouchPipeline:
             shape = (n, models.pipe.unet.config.in_channels, *latent_size)
             latents = randn_tensor(shape, generator=generator, device=self.execution_device, dtype=self.dtype)
             latents = latents * scheduler.init_noise_sigma
+        if config.is_baseline:  # the paper's baselines: the same noise, prompts and models (baselines/)
+            from layout_retouch.baselines import run_baseline
+
+            result = run_baseline(self, config, cond, latents, timesteps, reference_image, (height, width))
+            return LayoutRetouchOutput(images=self.decode(result, output_type), layout_images=None, prompts=prompts,
+                                       config=config.to_dict())
 
         # The reference photo, inverted now if cached, else alongside Stage 1 (its calls carry the steps).
         ref_image = reference = inversion = None
