@@ -16,9 +16,13 @@ one image (the first of a concept, which also inverts the reference and fills th
 subprocess of its own that reads the kernel's resident-set high-water mark (VmHWM), reset after the
 models are built; the table shows that peak and, in brackets, its excess over the loaded models.
 
+`--baselines` (or `--baselines freeu magicfusion`) adds the paper's baselines as variants of their own, timed
+in the same alternation, each with its ratio to plain sampling (`ratio <name>/plain`).
+
 The last line printed is `ratio <seconds per image of the full method / of plain sampling>`.
 
     python benchmarks/speed.py --quick           # minutes on a CPU
+    python benchmarks/speed.py --quick --baselines   # plus FreeU, MagicFusion and DreamMatcher
     python benchmarks/speed.py                   # CPU, fp32, 256 px, 10 steps, 4 prompts x 1 seed
     python benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50
 """
@@ -44,7 +48,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.sd15_configs import dreambooth_unet, sd15_pipeline  # noqa: E402
-from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig  # noqa: E402
+from layout_retouch.config import BASELINES, STRAIGHTFORWARD, LayoutRetouchConfig  # noqa: E402
 from layout_retouch.models import ModelPair, load_lora  # noqa: E402
 from layout_retouch.pipeline import LayoutRetouchPipeline  # noqa: E402
 
@@ -126,6 +130,8 @@ def configs(args) -> dict[str, LayoutRetouchConfig]:
     variants = {"plain": LayoutRetouchConfig(method="I", **common), "full": full}
     if args.straightforward:
         variants["straightforward"] = full.replace(**STRAIGHTFORWARD)
+    for baseline in args.baselines or ():
+        variants[baseline] = LayoutRetouchConfig(method=baseline, **common)
     return variants
 
 
@@ -267,6 +273,8 @@ def summarize(args, timing: dict, memory: dict) -> None:
     print(f"per-repeat ratios full/plain: {', '.join(f'{r:.2f}' for r in pairs)}")
     if "straightforward" in seconds:
         print(f"ratio straightforward/plain {statistics.median(seconds['straightforward']) / plain:.3f}")
+    for baseline in args.baselines or ():
+        print(f"ratio {baseline}/plain {statistics.median(seconds[baseline]) / plain:.3f}")
     if "plain" in memory and "full" in memory:
         extra = {k: memory[k]["peak_mib"] for k in ("plain", "full")}
         print(f"memory ratio full/plain (peak RSS) {extra['full'] / extra['plain']:.3f}")
@@ -299,6 +307,8 @@ def parse_args(argv=None):
     parser.add_argument("--personalization", choices=("dreambooth", "lora"), default="dreambooth")
     parser.add_argument("--straightforward", action="store_true",
                         help="also time the full method with every optimization switched off")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES,
+                        help="also time these baselines (no names: all of them) against plain sampling")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--count-ops", action="store_true",
                         help="one more run per variant counting ATen operators (kernel launches on a GPU)")
@@ -308,8 +318,11 @@ def parse_args(argv=None):
                         help="fused attention projections (LayoutRetouchPipeline.fuse_qkv_projections), both variants")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--memory-worker", choices=("plain", "full", "straightforward"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", choices=("plain", "full", "straightforward", *BASELINES),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.baselines == []:  # --baselines with no names: all of them
+        args.baselines = list(BASELINES)
     if args.repeats < 1 and not args.count_ops:
         parser.error("--repeats 0 measures nothing without --count-ops")
     if args.quick:

@@ -98,3 +98,39 @@ def test_blend_takes_each_pixel_from_the_winning_models_guided_noise():
     guided_v = vanilla[0] + scale * (vanilla[1] - vanilla[0])
     guided_p = personal[0] + scale * (personal[1] - personal[0])
     assert torch.equal(eps[..., :4], guided_v[..., :4]) and torch.equal(eps[..., 4:], guided_p[..., 4:])
+
+
+# --- the baselines as rows of the toy benchmark and the evaluation
+def test_toy_bench_baselines_flag_adds_one_call_and_row_each():
+    from layout_retouch.cli import build_parser
+    from layout_retouch.cli.toy_bench import settings_from_args
+    from layout_retouch.config import BASELINES
+    from layout_retouch.toyworld.bench import calls_for
+
+    args = build_parser().parse_args(["toy-bench", "--quick", "--methods", "I", "V", "--baselines"])
+    methods = settings_from_args(args).methods
+    assert methods == ("I", "V", *BASELINES)
+    calls = calls_for(methods)
+    assert [c for c in calls if c[0] in BASELINES] == [(b, (b,)) for b in BASELINES]
+
+
+def test_toy_bench_reports_baseline_rows(tmp_path):
+    from tiny_world import make_base, make_dreambooth
+
+    from layout_retouch.toyworld import bench
+    from layout_retouch.toyworld.bench import BenchSettings, run_bench
+    from layout_retouch.toyworld.bench_prompts import BenchPrompt
+    from layout_retouch.toyworld.datasets import reference_sample
+
+    models = tmp_path / "models"
+    make_base(models / "vanilla")
+    make_dreambooth(models / "sks_star_dreambooth")
+    (models / "references").mkdir()
+    reference_sample(0).pil().save(models / "references" / bench.REFERENCE_NAME)
+    rows = ("I", "freeu", "magicfusion")
+    settings = BenchSettings(out=tmp_path / "bench", prompts=[BenchPrompt("a photo of a {} on the beach")],
+                             seeds=(0, 1), steps=3, personalizations=("dreambooth",), methods=rows, models_dir=models)
+    results = run_bench(settings, log=lambda _: None)
+    assert tuple(results["results"]["dreambooth"]) == rows
+    table = (settings.out / "table.md").read_text()
+    assert all(f"| {row} |" in table for row in rows)

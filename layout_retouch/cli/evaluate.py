@@ -61,7 +61,8 @@ def register(subparsers) -> None:
     p.add_argument("--concepts", nargs="+", required=True, help="concept folders, or folders of them")
     p.add_argument("--out", required=True, help="output folder (images, scores, tables, plots)")
     p.add_argument("--base", help="base model: hub id, diffusers folder or single file (for generation)")
-    p.add_argument("--methods", default="I,V", help="ablation rows I..V or their names, comma-separated")
+    p.add_argument("--methods", default="I,V", help="ablation rows I..V or their names, and the baselines freeu, "
+                   "magicfusion, dreammatcher, comma-separated")
     p.add_argument(
         "--prompts",
         default="normal",

@@ -1,7 +1,7 @@
 """`layout-retouch toy-bench`: the paper's ablation and trade-off sweep, measured in the toy world.
 
-Runs rows I-V on the shipped toy personalizations over a fixed prompt set (or `--prompts FILE`)
-and seeds, scores every image with the oracles and writes results.json, table.md, scatter plots
+Runs rows I-V (and with `--baselines` FreeU, MagicFusion and DreamMatcher) on the shipped toy personalizations
+over a fixed prompt set (or `--prompts FILE`) and seeds, scores every image with the oracles and writes results.json, table.md, scatter plots
 and image grids (`--sweep`: the T_l / S_ref / S_mask sweep instead). Re-running with the same
 `--out` and settings resumes: finished (personalization, row, prompt) units are not made again.
 """
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--personalizations", nargs="+", choices=tuple(PERSONALIZATION_FOLDERS),
                    help="which toy personalizations (default: all; --quick: dreambooth)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="ablation rows to run")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run the paper's baselines (FreeU, MagicFusion, DreamMatcher) as rows of their own")
     p.add_argument("--models", type=Path, help="folder holding vanilla/, references/ and sks_star_* "
                    "(default: the shipped toy models)")
     add_threads_option(p)
@@ -47,9 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args):
+    from layout_retouch.config import BASELINES
     from layout_retouch.toyworld.bench import (
         DEFAULT_SEEDS,
         DEFAULT_STEPS,
+        METHODS,
         PERSONALIZATION_FOLDERS,
         QUICK_SEEDS,
         QUICK_STEPS,
@@ -66,7 +70,8 @@ def settings_from_args(args):
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     names = tuple(args.personalizations or (("dreambooth",) if args.quick else PERSONALIZATION_FOLDERS))
     return BenchSettings(out=Path(args.out), prompts=prompts, seeds=seeds, steps=steps, personalizations=names,
-                         methods=tuple(m for m in ("I", "II", "III", "IV", "V") if m in args.methods),
+                         methods=tuple(m for m in METHODS if m in args.methods)
+                         + (BASELINES if getattr(args, "baselines", False) else ()),
                          models_dir=args.models or TOY_MODELS)
 
 

@@ -20,6 +20,9 @@ METHOD_LABELS = {
     "III": "III: + single-pass reference swap",
     "IV": "IV: + multi-source swap",
     "V": "V: + adaptive mask blending (full)",
+    "freeu": "FreeU (baseline)",
+    "magicfusion": "MagicFusion (baseline)",
+    "dreammatcher": "DreamMatcher (baseline)",
 }
 # Decimals shown in the markdown table (the paper prints three).
 TABLE_DECIMALS = 3

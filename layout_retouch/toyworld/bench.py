@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 from layout_retouch.cli.demo import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS
-from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.config import BASELINES, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png, slug
 from layout_retouch.toyworld.bench_prompts import BenchPrompt
 from layout_retouch.toyworld.bench_stats import image_record
 
 METHODS = ("I", "II", "III", "IV", "V")
+ROWS = METHODS + BASELINES  # the ablation's rows, then the paper's baselines (`toy-bench --baselines`)
 # The personalizations the benchmark looks for under the toy models folder, in table order.
 PERSONALIZATION_FOLDERS = {
     "dreambooth": "sks_star_dreambooth",
@@ -185,7 +186,7 @@ def calls_for(methods: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
             calls.append((method, rows))
     if "II" in methods and not layout_made:
         calls.append(("II", ("II",)))
-    return calls
+    return calls + [(baseline, (baseline,)) for baseline in BASELINES if baseline in methods]
 
 
 def generate(pipe, method: str, text: str, seeds, config: LayoutRetouchConfig, reference: Path
@@ -222,7 +223,7 @@ def run_units(settings: BenchSettings, group: str, personalization: Personalizat
               log: Callable[[str], None] = print) -> dict[str, dict[str, dict]]:
     """Make (or load) every unit of one group; returns row -> prompt template -> unit."""
     made = {row for _, rows in calls for row in rows}
-    units: dict[str, dict[str, dict]] = {row: {} for row in METHODS if row in made}
+    units: dict[str, dict[str, dict]] = {row: {} for row in ROWS if row in made}
     root = settings.out / "runs"
     for prompt in settings.prompts:
         text = prompt.text(personalization.subject)
@@ -247,7 +248,7 @@ def run_units(settings: BenchSettings, group: str, personalization: Personalizat
 
 
 def bench_configs(settings: BenchSettings) -> dict[str, LayoutRetouchConfig]:
-    return {m: settings.config(m) for m in METHODS}
+    return {m: settings.config(m) for m in ROWS}
 
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:

@@ -29,7 +29,9 @@ ROW_COMPONENTS = {
     "V": (True, False, True, True),
 }
 ROW_NAMES = {"I": "personalized model alone", "II": "+ step-blending (layout)", "III": "+ single-pass reference",
-             "IV": "+ multi-source swap", "V": "+ mask blending (full)"}
+             "IV": "+ multi-source swap", "V": "+ mask blending (full)",
+             "freeu": "FreeU (baseline)", "magicfusion": "MagicFusion (baseline)",
+             "dreammatcher": "DreamMatcher (baseline)"}
 GRID_COLUMNS = 8  # seeds shown per prompt in an image grid
 CELL, LABEL = 64, 14  # grid cell side and label height, pixels
 
@@ -73,7 +75,7 @@ def table4(results: dict) -> str:
                   "| | " + " | ".join(COMPONENTS) + f" | {MEASURE_HEADER} |",
                   "|---" * (len(COMPONENTS) + 7) + "|"]
         for row, summary in rows.items():
-            marks = " | ".join("✓" if on else "" for on in ROW_COMPONENTS[row])
+            marks = " | ".join("✓" if on else "" for on in ROW_COMPONENTS.get(row, (False,) * len(COMPONENTS)))
             lines.append(f"| {row} | {marks} | {measure_cells(summary)} |")
         lines.append("")
     return "\n".join(lines)
