@@ -278,15 +278,19 @@ class LayoutRetouchAttnProcessor:
             key = attn.norm_k(key)
 
         controller = self.controller
-        if not self.layer.cross and controller.paths and attention_mask is None:
-            out = self._control(query, key, value)
+        controlled = not self.layer.cross and controller.paths and attention_mask is None
+        if controlled:
+            out, here = self._attend(query, key, value)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
             if self.layer.cross and controller.wants_maps(self.layer):
                 self._record_maps(attn, query, key)
 
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        if out is not None:
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            out = attn.to_out[1](attn.to_out[0](out))
+        if controlled:  # the layer's output h, after its projection: what sources lend and the blend mixes
+            out = self._lend_and_blend(here, out, query.device)
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
@@ -305,49 +309,75 @@ class LayoutRetouchAttnProcessor:
             h, w = _layer_size(controller.latent_size, self.layer, subject.shape[-1])
             controller.add_maps(path.role, subject.view(-1, h, w))
 
-    def _control(self, query, key, value):
+    def _attend(self, query, key, value) -> tuple[torch.Tensor | None, dict]:
+        """Every path's attention before the output projection, the target's with the swaps of Q, K, V.
+
+        Returns it (None where nothing is left to project: a target alone whose output the layout's
+        replaces) and the sources of this call, whose "out" the projection fills in.
+        """
         controller, layer, plan = self.controller, self.layer, self.controller.plan
         early = controller.early_swap_active()
         reference = controller.reference_active(layer)
-        blend = controller.blend_active(layer)
         target = controller.paths.get(TARGET)
         # The target's own attention is needed only where no swap replaces it.
         replacer = LAYOUT if early else REFERENCE
         replaced = (target is not None and plan.skip_replaced and (early or reference)
                     and controller.has_source(layer, replacer))
         out = _plain_attention(query, key, value, target.rows if replaced else None)
-        here = {}  # what the target takes from the sources of this call (or of a later call of this step)
-        tensors = {"q": query, "k": key, "v": value, "out": out}
-        for path in controller.paths.values():
-            if path.role != TARGET:
-                here[path.role] = SourceRows(tensors, path.rows)
-                if controller.recorder is not None:
-                    controller.recorder(controller, layer, path.role, here[path.role])
+        tensors = {"q": query, "k": key, "v": value}
+        here = {path.role: SourceRows(tensors, path.rows) for path in controller.paths.values() if path.role != TARGET}
+        if target is None or not (early or reference) or (early and plan.early_swap == "qkv"):
+            return out, here  # the "qkv" swap takes the layout's whole output, after the projection
+        rows, n = target.rows, target.per_half
+        target_out = None
+        if early:
+            layout = controller.source(layer, LAYOUT, query.device, here)[0]
+            if layout is not None:  # the layout's attention map on the target's own values
+                target_out = F.scaled_dot_product_attention(layout["q"], layout["k"], _take(value, rows))
+        else:
+            ref, restricted = controller.source(layer, REFERENCE, query.device, here)
+            if ref is not None:
+                keep = None
+                if not restricted:
+                    keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, key.shape[2]))
+                target_out = F.scaled_dot_product_attention(_take(query, rows), _per_half(ref["k"], n),
+                                                            _per_half(ref["v"], n), attn_mask=keep)
+        if target_out is None or (rows.start == 0 and rows.stop == query.shape[0]):
+            return target_out if target_out is not None else out, here
+        out[rows] = target_out
+        return out, here
+
+    def _lend_and_blend(self, here: dict, out: torch.Tensor | None, device) -> torch.Tensor:
+        """Hand this call's sources (with their layer outputs) to the recorder and the step's store, then
+        give the target the layout's output ("qkv" swap) or blend it in: h_T <- M * h_T + (1 - M) * h_L."""
+        controller, layer, plan = self.controller, self.layer, self.controller.plan
+        for rows in here.values():
+            rows.tensors["out"] = out
+        if controller.recorder is not None:
+            for role, rows in here.items():
+                controller.recorder(controller, layer, role, rows)
+        target = controller.paths.get(TARGET)
         if target is None:
             controller.store.update({(layer.name, role): rows for role, rows in here.items()})
-        if target is None or not (early or reference or blend):
             return out
-        rows, n = target.rows, target.per_half
-        layout = controller.source(layer, LAYOUT, query.device, here)[0] if early or blend else None
-        ref, restricted = controller.source(layer, REFERENCE, query.device, here) if reference else (None, False)
-        if early and layout is not None:
-            if plan.early_swap == "qkv":
-                target_out = layout["out"]
-            else:  # the layout's attention map on the target's own values
-                target_out = F.scaled_dot_product_attention(layout["q"], layout["k"], _take(value, rows))
-        elif reference and ref is not None:
-            keep = None
-            if not restricted:
-                keep = controller.reference_key_mask(_layer_size(controller.latent_size, layer, key.shape[2]))
-            target_out = F.scaled_dot_product_attention(_take(query, rows), _per_half(ref["k"], n),
-                                                        _per_half(ref["v"], n), attn_mask=keep)
+        early, blend = controller.early_swap_active(), controller.blend_active(layer)
+        swap_out = early and plan.early_swap == "qkv"
+        if not (swap_out or blend):
+            return out
+        layout = controller.source(layer, LAYOUT, device, here)[0]
+        if layout is None:
+            return out
+        rows = target.rows
+        whole = out is None or (rows.start == 0 and rows.stop == out.shape[0])
+        if swap_out:
+            target_out = layout["out"]
         else:
-            target_out = _take(out, rows)
-        if blend and layout is not None:
-            mask = controller.blend_mask(_layer_size(controller.latent_size, layer, query.shape[2]), target_out)
-            if mask is not None:  # M * h_T + (1 - M) * h_L
-                target_out = torch.lerp(layout["out"], target_out, mask)
-        if rows.start == 0 and rows.stop == query.shape[0]:
+            target_out = out if whole else out[rows]
+        if blend:
+            mask = controller.blend_mask(_layer_size(controller.latent_size, layer, target_out.shape[1]), target_out)
+            if mask is not None:  # (2n, 1, hw, 1) -> (2n, hw, 1) for the layer output's (rows, tokens, channels)
+                target_out = torch.lerp(layout["out"], target_out, mask[:, 0])
+        if whole:
             return target_out
         out[rows] = target_out
         return out

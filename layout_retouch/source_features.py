@@ -109,7 +109,7 @@ class ReferenceRecorder:
 
 # --- memory estimates, made before anything is recorded
 def _self_attention_sizes(unet, latent_size: tuple[int, int]) -> dict[str, tuple[int, int, int, int]]:
-    """layer name -> (tokens, q width, k width, v width) of every self-attention layer."""
+    """layer name -> (tokens, q, k, v widths, layer output width after to_out) of every self-attention layer."""
     sizes = {}
     for layer in attention_layers(unet):
         if layer.cross:
@@ -117,20 +117,21 @@ def _self_attention_sizes(unet, latent_size: tuple[int, int]) -> dict[str, tuple
         module = unet.get_submodule(layer.name)
         h = max(1, round(latent_size[0] * layer.resolution))
         w = max(1, round(latent_size[1] * layer.resolution))
-        sizes[layer.name] = (h * w, module.to_q.out_features, module.to_k.out_features, module.to_v.out_features)
+        sizes[layer.name] = (h * w, module.to_q.out_features, module.to_k.out_features, module.to_v.out_features,
+                             module.to_out[0].out_features)
     return sizes
 
 
 def layout_feature_bytes(plan: ControlPlan, unet, latent_size, steps: int, images: int, element_size: int) -> int:
     """Bytes the layout recorder will keep for `images` layouts of `steps` steps (both CFG halves)."""
     total = 0
-    for name, (tokens, dq, dk, dv) in _self_attention_sizes(unet, latent_size).items():
+    for name, (tokens, dq, dk, _, d_out) in _self_attention_sizes(unet, latent_size).items():
         for step in range(steps):
             width = 0
             if plan.early_at(step):
-                width += dv if plan.early_swap == "qkv" else dq + dk
+                width += d_out if plan.early_swap == "qkv" else dq + dk
             if plan.blend_at(step, name):
-                width += dv
+                width += d_out
             total += tokens * width
     return total * 2 * images * element_size
 
@@ -138,7 +139,7 @@ def layout_feature_bytes(plan: ControlPlan, unet, latent_size, steps: int, image
 def reference_feature_bytes(plan: ControlPlan, unet, latent_size, steps: int, element_size: int) -> int:
     """Upper bound (all keys kept) of the reference recorder's bytes for one reference (both halves)."""
     total = 0
-    for name, (tokens, _, dk, dv) in _self_attention_sizes(unet, latent_size).items():
+    for name, (tokens, _, dk, dv, _) in _self_attention_sizes(unet, latent_size).items():
         total += tokens * (dk + dv) * sum(plan.reference_at(step, name) for step in range(steps))
     return total * 2 * element_size
 

@@ -214,6 +214,31 @@ def test_reference_background_keys_get_zero_weight():
     assert not torch.allclose(processor(attn, changed)[2:], out[2:], atol=1e-3)
 
 
+@pytest.mark.parametrize("m", [0.0, 0.3, 1.0])
+def test_blend_mixes_layer_outputs_after_their_projections(m):
+    """The paper blends the self-attention layers' outputs: a layout that ran through another model (a vanilla
+    step) lends its own projected output, not its attention for the target's projection (issue 14)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    torch.manual_seed(0)
+    vanilla, personal = Attention(query_dim=8, heads=2, dim_head=4), Attention(query_dim=8, heads=2, dim_head=4)
+    personal.load_state_dict(vanilla.state_dict())
+    with torch.no_grad():  # only the output projection differs
+        personal.to_out[0].weight.add_(0.5 * torch.randn_like(personal.to_out[0].weight))
+    layer = LayerInfo("up_blocks.1.attentions.0.transformer_blocks.0.attn1", 0, "up", 1.0, False)
+    controller = AttentionController(ControlPlan(mask_start=0, blend_layers={layer.name}), latent_size=(4, 4))
+    controller.blend_mask_fn = lambda c: torch.full((1, 4, 4), m)
+    controller.begin_step(0)
+    processor = LayoutRetouchAttnProcessor(controller, layer)
+    layout_hidden, target_hidden = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    controller.begin_call([PathRows(LAYOUT, 0, 2)])  # the layout's call, through the vanilla layer
+    layout_out = processor(vanilla, layout_hidden)
+    controller.begin_call([PathRows(TARGET, 0, 2)])  # the target's, through the personalized one
+    blended = processor(personal, target_hidden)
+    own = AttnProcessor2_0()(personal, target_hidden)
+    assert torch.allclose(blended, m * own + (1 - m) * layout_out, atol=1e-6)
+
+
 def test_processor_without_control_matches_diffusers_default():
     from diffusers.models.attention_processor import AttnProcessor2_0
 

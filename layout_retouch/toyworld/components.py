@@ -55,6 +55,26 @@ def build_unet(full_res_decoder_attention: bool = True) -> UNet2DConditionModel:
     )
 
 
+def build_unet_v2() -> UNet2DConditionModel:
+    """Toy world v2's UNet: self- and cross-attention in every block, the full 16x16 latent included.
+
+    The first layout has no encoder attention at 16x16 and its 16x16 decoder attention was grown late,
+    so structure and scene reached the output through convolutions and cross-attention alone; Stage 2
+    acts on self-attention, as Stable Diffusion's own attention-swap methods do, and needs a UNet that
+    routes structure through it (issue 14). Same widths as the first layout: 7.0M parameters.
+    """
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=(4, 8, 8), norm_num_groups=16,
+    )
+
+
+# Toy UNet layouts by name (train_vanilla.py --arch): "v1" the shipped first layout, "v2" every block attends.
+UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2}
+
+
 def train_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SCHEDULE)
 

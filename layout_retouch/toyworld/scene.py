@@ -116,13 +116,17 @@ def personal_spec(rng: np.random.Generator, **overrides) -> SceneSpec:
     return replace(spec, **overrides)
 
 
-def caption(spec: SceneSpec, rng: np.random.Generator | None = None, subject: str | None = None) -> str:
-    """Caption of `spec`; with `rng`, optional parts are left out at the rates of DROP_PROB.
+def caption(spec: SceneSpec, rng: np.random.Generator | None = None, subject: str | None = None,
+            drop: dict[str, float] | None = None) -> str:
+    """Caption of `spec`; with `rng`, optional parts are left out at the rates of DROP_PROB
+    (or of `drop`, where it names a part).
 
     `subject` replaces the "<color> <class>" words (e.g. "sks star" for the personal subject).
     """
+    rates = DROP_PROB if drop is None else {**DROP_PROB, **drop}
+
     def keep(part: str) -> bool:
-        return rng is None or rng.random() >= DROP_PROB[part]
+        return rng is None or rng.random() >= rates[part]
 
     prefix = CAPTION_PREFIXES[0] if rng is None else CAPTION_PREFIXES[rng.integers(len(CAPTION_PREFIXES))]
     words = [prefix, "a"]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from layout_retouch.toyworld.checkpoint import load_checkpoint, save_checkpoint
 from layout_retouch.toyworld.components import (
+    UNET_ARCHITECTURES,
     build_text_encoder,
     build_unet,
     build_vae,
@@ -59,6 +60,12 @@ class UnetRecipe:
     warmup: int = 100
     decay_from: float = 1.0  # constant lr after warm-up; the EMA does the averaging
     min_snr_gamma: float = 5.0  # loss weight min(SNR, gamma) / SNR (Hang et al. 2023): faster convergence
+    arch: str = "v1"  # components.UNET_ARCHITECTURES
+    # Share of captions that leave the scene out (None: scene.DROP_PROB's 15%). v2 uses 0.4, so that the
+    # model must also decide scenes from image structure, not from the text alone (issue 14).
+    scene_drop: float | None = None
+    # A trained text encoder (pipeline folder) to keep frozen, as SD keeps CLIP frozen; None: train one jointly.
+    text_encoder_from: Path | None = None
 
 
 CHECKPOINT_EVERY_S = 180  # seconds between checkpoints
@@ -203,17 +210,27 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
                max_minutes: float | None = None, grow_from: Path | None = None) -> None:
     """Train until `recipe.steps`, or until `max_minutes` have passed (then save the step reached)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
-    tokenizer = build_tokenizer()
-    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
-    ema_unet, ema_text = build_unet(), build_text_encoder(tokenizer)
+    make_unet = UNET_ARCHITECTURES[recipe.arch]
+    unet, ema_unet = make_unet(), make_unet()
     ema_unet.load_state_dict(unet.state_dict())
-    ema_text.load_state_dict(text_encoder.state_dict())
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    if recipe.text_encoder_from is not None:  # frozen: trained neither by the optimizer nor the EMA
+        tokenizer = CLIPTokenizer.from_pretrained(recipe.text_encoder_from / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(recipe.text_encoder_from / "text_encoder").eval()
+        text_encoder.requires_grad_(False)
+        ema_text = text_encoder
+        params = list(unet.parameters())
+        modules = {"unet": unet, "ema_unet": ema_unet}
+    else:
+        tokenizer = build_tokenizer()
+        text_encoder, ema_text = build_text_encoder(tokenizer), build_text_encoder(tokenizer)
+        ema_text.load_state_dict(text_encoder.state_dict())
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
-    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     ckpt = work / "unet_checkpoint.safetensors"
     if ckpt.exists():
         step = load_checkpoint(ckpt, modules, opt)
@@ -228,7 +245,9 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     alphas = noise_sched.alphas_cumprod
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 7919 + step)
-    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params, strict=True))
+    ema_params = list(ema_unet.parameters()) + ([] if ema_text is text_encoder else list(ema_text.parameters()))
+    ema_pairs = list(zip(ema_params, params, strict=True))
+    drop = None if recipe.scene_drop is None else {"scene": recipe.scene_drop}
     last_save = started = time.time()
     done = step
     bar = tqdm(range(step, recipe.steps), initial=step, total=recipe.steps, desc="unet")
@@ -236,7 +255,7 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
         for group in opt.param_groups:
             group["lr"] = recipe.lr * lr_factor(step, recipe.steps, recipe.decay_from, recipe.warmup)
         idx = rng.integers(0, len(specs), recipe.batch)
-        texts = ["" if rng.random() < recipe.caption_dropout else caption(specs[i], rng) for i in idx]
+        texts = ["" if rng.random() < recipe.caption_dropout else caption(specs[i], rng, drop=drop) for i in idx]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
@@ -296,6 +315,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=UnetRecipe.steps)
     parser.add_argument("--pool", type=int, default=None, help="override the number of training renders")
     parser.add_argument("--unet-batch", type=int, default=UnetRecipe.batch)
+    parser.add_argument("--arch", choices=sorted(UNET_ARCHITECTURES), default=UnetRecipe.arch,
+                        help="UNet layout (components.py): v1 the first toy world's, v2 attention in every block")
+    parser.add_argument("--scene-drop", type=float, default=None,
+                        help="share of captions without their scene (default: scene.DROP_PROB's)")
+    parser.add_argument("--text-encoder-from", type=Path, default=None,
+                        help="pipeline folder whose trained tokenizer and text encoder are used, frozen")
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="pipeline folder whose trained VAE is copied to OUT/vae (skips the VAE stage)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet stage after this long (resume continues up to --unet-steps)")
@@ -307,13 +334,18 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    if args.stage in ("vae", "all"):
+    if args.vae_from is not None:
+        import shutil
+
+        shutil.copytree(args.vae_from / "vae", args.out / "vae", dirs_exist_ok=True)
+    elif args.stage in ("vae", "all"):
         recipe = VaeRecipe(steps=args.vae_steps)
         if args.pool:
             recipe.pool = args.pool
         train_vae(args.out, args.work, args.seed, recipe)
     if args.stage in ("unet", "all"):
-        recipe = UnetRecipe(steps=args.unet_steps, batch=args.unet_batch)
+        recipe = UnetRecipe(steps=args.unet_steps, batch=args.unet_batch, arch=args.arch,
+                            scene_drop=args.scene_drop, text_encoder_from=args.text_encoder_from)
         if args.pool:
             recipe.pool = args.pool
         train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from)
