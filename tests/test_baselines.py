@@ -22,10 +22,10 @@ def pipe(tiny_dir):
                                                  token="sks", class_word="dog", progress=False)
 
 
-def run(pipe, method, n=2, seed=7, **config):
+def run(pipe, method, n=2, seed=7, reference=None, **config):
     generator = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    return pipe(PROMPT, config=LayoutRetouchConfig(method=method, **TINY, **config), num_images_per_prompt=n,
-                generator=generator, output_type="latent").images
+    return pipe(PROMPT, reference_image=reference, config=LayoutRetouchConfig(method=method, **TINY, **config),
+                num_images_per_prompt=n, generator=generator, output_type="latent").images
 
 
 def test_baselines_are_methods():
@@ -127,10 +127,80 @@ def test_toy_bench_reports_baseline_rows(tmp_path):
     make_dreambooth(models / "sks_star_dreambooth")
     (models / "references").mkdir()
     reference_sample(0).pil().save(models / "references" / bench.REFERENCE_NAME)
-    rows = ("I", "freeu", "magicfusion")
+    rows = ("I", "freeu", "magicfusion", "dreammatcher")
     settings = BenchSettings(out=tmp_path / "bench", prompts=[BenchPrompt("a photo of a {} on the beach")],
                              seeds=(0, 1), steps=3, personalizations=("dreambooth",), methods=rows, models_dir=models)
     results = run_bench(settings, log=lambda _: None)
     assert tuple(results["results"]["dreambooth"]) == rows
     table = (settings.out / "table.md").read_text()
     assert all(f"| {row} |" in table for row in rows)
+
+
+# --- DreamMatcher
+DREAMMATCHER_OFF = dict(start_step=STEPS, guidance_weight=0.0)
+
+
+def run_dreammatcher(pipe, tiny_dir, **settings):
+    return run(pipe, "dreammatcher", reference=str(tiny_dir / "reference.png"), baselines={"dreammatcher": settings},
+               inversion_cache_dir=str(tiny_dir / "dreammatcher_inversions"))
+
+
+def test_dreammatcher_matching_nowhere_is_plain_sampling(pipe, tiny_dir):
+    assert torch.equal(run_dreammatcher(pipe, tiny_dir, **DREAMMATCHER_OFF), run(pipe, "I"))
+
+
+def test_dreammatcher_needs_a_reference(pipe):
+    with pytest.raises(LayoutRetouchError, match="reference"):
+        run(pipe, "dreammatcher")
+
+
+@pytest.mark.parametrize("settings", [dict(guidance_weight=0.0), dict(start_step=STEPS)],
+                         ids=["matching attention", "sampling guidance"])
+def test_dreammatcher_changes_the_output_and_restores_the_unet(pipe, tiny_dir, settings):
+    """Against the same run that trusts no match (the reference in the batch, nothing borrowed): each part acts
+    by more than batching's rounding moves plain sampling."""
+    plain = run(pipe, "I")
+    early = dict(start_step=1, guidance_start_step=1)
+    borrowed = run_dreammatcher(pipe, tiny_dir, **{**early, **settings})
+    nothing = run_dreammatcher(pipe, tiny_dir, **early, cycle_threshold=0.0, guidance_weight=0.0)
+    assert (borrowed - nothing).abs().max() > (nothing - plain).abs().max()
+    assert torch.equal(run(pipe, "I"), plain)  # processors and hooks are gone after the run
+
+
+def _shifted_pair(channels=24, h=4, w=5, seed=0):
+    """Reference features, and a target whose pixel (y, x) shows the reference's pixel (y, x - 1) (wrapping)."""
+    reference = torch.randn(channels, h, w, generator=torch.Generator().manual_seed(seed))
+    return reference, reference.roll(1, dims=-1)
+
+
+def test_matching_and_warping_move_a_feature_where_the_match_says():
+    from layout_retouch.baselines.matching import cycle_error, descriptors, nearest_matches, warp
+
+    reference, target = _shifted_pair()
+    c, h, w = reference.shape
+    ref_desc, tgt_desc = descriptors([reference], [target], dims=c // 2)  # through the joint PCA
+    t2r, r2t = nearest_matches(tgt_desc, ref_desc)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    assert torch.equal(t2r, (ys * w + (xs - 1) % w).flatten())
+    assert not cycle_error(t2r, r2t, w).any()  # a one-to-one match is consistent everywhere
+    values = torch.zeros(h * w, 3)
+    values[1 * w + 2] = torch.tensor([1.0, 2.0, 3.0])  # a feature at reference pixel (1, 2)...
+    warped = warp(values, t2r)
+    moved = warped.abs().sum(1).nonzero().flatten().tolist()
+    assert moved == [1 * w + 3] and torch.equal(warped[1 * w + 3], values[1 * w + 2])  # ...lands at target (1, 3)
+
+
+def test_cycle_error_measures_how_far_a_match_comes_back_and_confidence_thresholds_it():
+    from layout_retouch.baselines.matching import confidence, cycle_error
+
+    w = 4
+    t2r = torch.zeros(8, dtype=torch.long)  # every target pixel matches reference pixel 0...
+    r2t = torch.full((8,), 5)  # ...which matches back to target pixel 5 = (1, 1)
+    error = cycle_error(t2r, r2t, w)
+    assert error[5] == 0 and error[0] == 2 ** 0.5 and error[3] == (2**2 + 1) ** 0.5
+    foreground = torch.ones(8)
+    side = 2
+    threshold = float(error[0]) / side + 1e-3  # just above pixel 0's error at the full foreground
+    kept = confidence(error, foreground, threshold, side)
+    assert torch.equal(kept.bool(), error <= error[0])
+    assert not confidence(error, foreground * 0.0, threshold, side).any()  # no subject: nothing is trusted
