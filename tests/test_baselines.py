@@ -204,3 +204,62 @@ def test_cycle_error_measures_how_far_a_match_comes_back_and_confidence_threshol
     kept = confidence(error, foreground, threshold, side)
     assert torch.equal(kept.bool(), error <= error[0])
     assert not confidence(error, foreground * 0.0, threshold, side).any()  # no subject: nothing is trusted
+
+
+# --- the commands
+def _generate(tiny_dir, out, *extra):
+    from layout_retouch.cli import main
+
+    args = ["generate", "--base", tiny_dir / "base", "--personalized", tiny_dir / "dreambooth", "--token", "sks",
+            "--class-word", "dog", "--out", out, "--steps", 2, "--quiet", "--threads", 1, "--height", 32,
+            "--width", 32, "--mask-attention-resolution", 0.5, "--prompt", PROMPT, *extra]
+    return main([str(a) for a in args])
+
+
+def test_generate_runs_each_baseline_with_its_hyperparameters_from_the_config_file(tiny_dir, tmp_path):
+    import json
+
+    config = tmp_path / "config.json"
+    early = {"start_step": 0, "guidance_start_step": 0}
+    config.write_text(json.dumps({"baselines": {"freeu": {"b1": 1.5}, "dreammatcher": early}}))
+    for method in ("freeu", "magicfusion", "dreammatcher"):
+        out = tmp_path / method
+        assert _generate(tiny_dir, out, "--method", method, "--config", config,
+                         "--reference", tiny_dir / "reference.png",
+                         "--inversion-cache-dir", tmp_path / "inversions") == 0
+        (sidecar,) = out.rglob("*.json")
+        recorded = json.loads(sidecar.read_text())["config"]
+        assert recorded["method"] == method and recorded["baselines"]["freeu"] == {"b1": 1.5}
+
+
+def test_generate_asks_dreammatcher_for_a_reference(tiny_dir, tmp_path, capsys):
+    assert _generate(tiny_dir, tmp_path / "out", "--method", "dreammatcher") != 0
+    assert "dreammatcher needs --reference" in capsys.readouterr().err
+
+
+def test_evaluate_writes_baselines_into_the_table(tmp_path):
+    import json
+
+    from metric_tiny_models import build_tiny_metric_models, make_concept, metric_cli_args
+
+    from layout_retouch.cli import main
+    from layout_retouch.evaluation.concepts import load_concept
+    from layout_retouch.evaluation.report import METHOD_LABELS
+    from layout_retouch.tiny_models import save_tiny_pipeline
+
+    models = build_tiny_metric_models(tmp_path / "metric_models")
+    base = save_tiny_pipeline(tmp_path / "base")
+    concept = load_concept(make_concept(tmp_path / "concepts" / "dog1"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} in the snow\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"num_inference_steps": 2, "mask_attention_resolution": 0.5,
+                                  "baselines": {"dreammatcher": {"start_step": 1, "guidance_start_step": 1}}}))
+    methods = ("I", "freeu", "magicfusion", "dreammatcher")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--concepts", str(concept.folder), "--out", str(out), "--base", str(base),
+                 "--methods", ",".join(methods), "--prompts", str(prompts), "--seeds", "1", "--config", str(config),
+                 "--no-progress", *metric_cli_args(models)]) == 0
+    assert sorted(p.parts[-4] for p in (out / "images").rglob("*.png")) == sorted(methods)
+    table = (out / "table.md").read_text()
+    assert all(METHOD_LABELS[m] in table for m in methods)
