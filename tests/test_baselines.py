@@ -114,6 +114,20 @@ def test_toy_bench_baselines_flag_adds_one_call_and_row_each():
     assert [c for c in calls if c[0] in BASELINES] == [(b, (b,)) for b in BASELINES]
 
 
+def test_toy_bench_scales_dreammatchers_step_indices_like_s_ref(tmp_path):
+    from layout_retouch.baselines.dreammatcher import DreamMatcherConfig
+    from layout_retouch.toyworld.bench import PAPER_STEPS, BenchSettings
+    from layout_retouch.toyworld.bench_prompts import default_prompts
+
+    def settings(steps):
+        config = BenchSettings(out=tmp_path, prompts=default_prompts(), seeds=(0,), steps=steps).config("dreammatcher")
+        return config.baselines.get("dreammatcher", {}), config.ref_start_step
+
+    assert settings(PAPER_STEPS)[0] == {}  # the paper's step count: DreamMatcher's own indices
+    half, s_ref = settings(PAPER_STEPS // 2)
+    assert half["start_step"] == round(DreamMatcherConfig().start_step / 2) and half["start_step"] == s_ref
+
+
 def test_toy_bench_reports_baseline_rows(tmp_path):
     from tiny_world import make_base, make_dreambooth
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from layout_retouch.cli.demo import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS
 from layout_retouch.config import BASELINES, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png, slug
 from layout_retouch.toyworld.bench_prompts import BenchPrompt
 from layout_retouch.toyworld.bench_stats import image_record
+from layout_retouch.toyworld.world import CLASS_WORD, REFERENCE_NAME, TOKEN, TOY_METHOD, TOY_MODELS
 
 METHODS = ("I", "II", "III", "IV", "V")
 ROWS = METHODS + BASELINES  # the ablation's rows, then the paper's baselines (`toy-bench --baselines`)
@@ -34,7 +34,6 @@ PERSONALIZATION_FOLDERS = {
     "lora": "sks_star_lora",
     "textual_inversion": "sks_star_ti",
 }
-REFERENCE_NAME = "sks_star_00.png"  # the reference photo Stage 2 borrows appearance from (as the demo)
 DEFAULT_SEEDS = 16
 # DDIM steps of the default run: the paper's 50. The default run (3 personalizations x 4 prompts x 16
 # seeds x rows I-V) measured 16 min on the quiet 2-core CPU with the shipped (grown) toy UNet, 24 min
@@ -77,9 +76,10 @@ class BenchSettings:
     def config(self, method: str, **changes) -> LayoutRetouchConfig:
         """The paper's defaults (S_ref scaled to the step count), the demo's toy-world settings
         (TOY_METHOD), then `overrides` and `changes`."""
+        scaled = {**scaled_step_settings(self.steps), **(scaled_baseline_steps(self.steps, method))}
         return LayoutRetouchConfig(method=method, num_inference_steps=self.steps,
                                    inversion_cache_dir=str(self.out / "cache"),
-                                   **{**scaled_step_settings(self.steps), **TOY_METHOD, **self.overrides, **changes})
+                                   **{**scaled, **TOY_METHOD, **self.overrides, **changes})
 
 
 def scaled_step_settings(steps: int) -> dict:
@@ -88,6 +88,18 @@ def scaled_step_settings(steps: int) -> dict:
     if steps == PAPER_STEPS:
         return {}
     return {"ref_start_step": round(LayoutRetouchConfig().ref_start_step * steps / PAPER_STEPS)}
+
+
+def scaled_baseline_steps(steps: int, method: str) -> dict:
+    """DreamMatcher's step indices (given for 50 steps, as S_ref) keep their share of the trajectory too."""
+    if method != "dreammatcher" or steps == PAPER_STEPS:
+        return {}
+    from layout_retouch.baselines.dreammatcher import DreamMatcherConfig
+
+    default = DreamMatcherConfig()
+    return {"baselines": {"dreammatcher": {
+        "start_step": round(default.start_step * steps / PAPER_STEPS),
+        "guidance_start_step": round(default.guidance_start_step * steps / PAPER_STEPS)}}}
 
 
 def find_personalizations(models_dir: Path, names) -> tuple[list[Personalization], dict[str, str]]:
