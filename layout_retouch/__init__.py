@@ -6,8 +6,16 @@ adaptive mask (masks, segmenters). `LayoutRetouchPipeline` runs both; `LayoutRet
 every hyperparameter.
 """
 
-from layout_retouch.config import LayoutRetouchConfig
-from layout_retouch.pipeline import LayoutRetouchOutput, LayoutRetouchPipeline
-
 __all__ = ["LayoutRetouchConfig", "LayoutRetouchOutput", "LayoutRetouchPipeline"]
 __version__ = "0.1.0"
+_HOMES = {"LayoutRetouchConfig": "config", "LayoutRetouchOutput": "pipeline", "LayoutRetouchPipeline": "pipeline"}
+
+
+def __getattr__(name: str):
+    """Import on first use: the pipeline pulls in torch and diffusers (seconds), which the command line's
+    `--help` and its input checks, and light sub-modules such as `layout_retouch.config`, should not wait for."""
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

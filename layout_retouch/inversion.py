@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,24 +29,46 @@ class InversionTrajectory:
     timesteps: torch.Tensor
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. Pillow's own convert clips 16-bit and 32-bit grey at 255 (a 16-bit PNG
+    becomes white) and drops transparency onto black; here deep grey is scaled, alpha composed on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0  # 16 bits -> 8
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # floats in [0, 1]
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
 def load_reference_image(image, size: tuple[int, int]) -> Image.Image:
-    """Open and check a reference photo, then resize and center-crop it to (height, width)."""
+    """Open and check a reference photo (any mode), then resize and center-crop it to (height, width)."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise ImageInputError(f"reference image {path} does not exist")
         try:
             with Image.open(path) as opened:
-                image = opened.convert("RGB")
+                image = to_rgb(opened)
         except (OSError, ValueError) as err:
             raise ImageInputError(f"reference image {path} cannot be read as an image: {err}") from err
     elif not isinstance(image, Image.Image):
         raise ImageInputError(f"reference image must be a path or a PIL image, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ImageInputError("reference image is empty (0 pixels)")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     height, width = size
     scale = max(height / image.height, width / image.width)
+    if scale > 1:
+        warnings.warn(f"reference image of {image.width}x{image.height} pixels is smaller than the model's "
+                      f"{width}x{height}: it is enlarged, and the subject's detail is what it holds", stacklevel=2)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                            Image.BICUBIC)
     left, top = (resized.width - width) // 2, (resized.height - height) // 2

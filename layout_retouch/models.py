@@ -10,6 +10,7 @@ was fine-tuned).
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,7 +203,24 @@ def _from_pretrained_checked(cls, name: str, allow_pickle: bool, subfolder: str 
             raise
     # diffusers loads pickled weights with torch.load(weights_only=True).
     extra = {"subfolder": subfolder} if subfolder else {}
-    return cls.from_pretrained(name, use_safetensors=False, **extra, **kwargs)
+    try:
+        return cls.from_pretrained(name, use_safetensors=False, **extra, **kwargs)
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
+        cause: BaseException | None = err  # diffusers wraps torch's error in an OSError
+        while cause is not None and not isinstance(cause, (pickle.UnpicklingError, EOFError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise ModelLoadError(f"cannot load the pickled weights of {name!r}: {err}") from None
+        raise _pickle_error(name, cause) from None
+
+
+def _pickle_error(name, err: BaseException) -> ModelLoadError:
+    """One line for a pickle refused or unreadable. torch's own message advises weights_only=False,
+    which would let the file run code: the opposite of what a user should do."""
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        return ModelLoadError(f"{name}: this pickle holds objects other than tensors; refusing (it could run code "
+                              "when loaded); convert the weights to safetensors")
+    return ModelLoadError(f"{name}: cannot be read as a torch pickle ({type(err).__name__}): damaged or another format")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -223,7 +241,12 @@ def load_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     _check_weights_file(path, allow_pickle)
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's note on old pickle protocols is no news to the user
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:
+        raise _pickle_error(path, err) from None
 
 
 def detect_kind(path: Path) -> str:

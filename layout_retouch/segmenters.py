@@ -46,10 +46,11 @@ class SamSegmenter:
         try:
             self.model = model or SamModel.from_pretrained(model_id)
             self.processor = processor or SamProcessor.from_pretrained(model_id)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a missing folder taken for a malformed hub id
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(
-                f"cannot load Segment Anything from {model_id!r}: {err}. Pass a local folder with "
-                "--sam-model, or --segmenter none to use cross-attention masks only."
+                f"cannot load Segment Anything from {model_id!r} ({reason}): pass --segmenter none (cross-attention "
+                "masks only) or --sam-model FOLDER (a local copy)"
             ) from err
         self.model.to(device).eval()
         self.device = torch.device(device)

@@ -393,7 +393,8 @@ def test_generate_cli_full_method_writes_intermediates(tiny_dir, tmp_path, cache
                  "--segmenter", "none", "--mask-attention-resolution", "0.5", "--inversion-cache-dir", cache_dir,
                  "--save-intermediates", "--quiet"])
     assert code == 0
-    folder = out / "a-sks-dog-in-the-snow" / "seed42_0"
+    (image,) = out.rglob("seed42_0-*.png")  # named by a digest of the prompt and parameters
+    folder = image.with_suffix("")
     names = {p.name for p in folder.iterdir()}
     assert {"layout.png", "reference_reconstruction.png", "mask_m_ca.png", "mask_m_sam.png", "mask_union.png",
             "mask_final.png"} <= names

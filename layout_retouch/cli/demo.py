@@ -12,34 +12,26 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from PIL import Image, ImageDraw, ImageFont
 
-from layout_retouch.cli.options import add_threads_option, set_threads
+from layout_retouch.cli.options import HelpFormatter, add_threads_option, check_output_folder, set_threads
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png
-from layout_retouch.pipeline import LayoutRetouchPipeline
+from layout_retouch.toyworld.world import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, find_toy_models  # noqa: F401
 
-TOY_MODELS = Path(__file__).resolve().parent.parent / "toyworld" / "models"
-TOKEN, CLASS_WORD = "sks", "star"
 PROMPTS = (  # context the DreamBooth model tends to lose (TOYWORLD.md): scenes, accessories, occluders
     "a photo of a sks star at night",
     "a photo of a sks star in the snow",
     "a photo of a sks star wearing a red hat on the beach",
     "a photo of a sks star behind a fence on the grass",
 )
-# The toy UNet has cross-attention at 1/2 and 1/4 of its 16x16 latent; 1/4 (4x4) is too coarse for a
-# mask, so the demo reads the 8x8 maps (ALGORITHM.md allows 1/2 for small UNets). Its segmenter is the
-# toy world's oracle, plugged in where SAM would be. Everything else is the paper's default.
-TOY_METHOD = dict(segmenter="toy", mask_attention_resolution=0.5)
 COLUMNS = ("reference", "plain DreamBooth (I)", "layout (II)", "Layout-and-Retouch (V)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the full method on the embedded toy world (no download, CPU)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--out", default="out/demo", help="output folder")
     p.add_argument("--personalized", default="sks_star_dreambooth",
                    help="toy personalized model under toyworld/models (or any path)")
@@ -51,25 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def find_toy_models(personalized: str) -> tuple[Path, Path, Path]:
-    base = TOY_MODELS / "vanilla"
-    tuned = Path(personalized) if Path(personalized).exists() else TOY_MODELS / personalized
-    reference = TOY_MODELS / "references" / "sks_star_00.png"
-    missing = [p for p in (base / "model_index.json", tuned, reference) if not p.exists()]
-    if missing:
-        raise LayoutRetouchError(
-            f"the toy world's models are missing ({', '.join(map(str, missing))}); reinstall the package "
-            "or see layout_retouch/toyworld/README.md for the commands that train them"
-        )
-    return base, tuned, reference
-
-
 def run(args) -> int:
     out = Path(args.out)
     if (out / "summary.json").exists() and not args.overwrite:
         raise LayoutRetouchError(f"{out} already holds a demo; pass --overwrite or another --out")
+    if args.seeds < 1 or args.steps < 1:
+        raise LayoutRetouchError(f"--seeds and --steps must be 1 or more, got {args.seeds} and {args.steps}")
+    check_output_folder(out)
     base, tuned, reference = find_toy_models(args.personalized)
     set_threads(args.threads)
+    import torch
+    from tqdm.auto import tqdm
+
+    from layout_retouch.pipeline import LayoutRetouchPipeline
+
     start = time.perf_counter()
     pipe = LayoutRetouchPipeline.from_pretrained(str(base), personalized=str(tuned), token=TOKEN,
                                                  class_word=CLASS_WORD, progress=False)
@@ -130,16 +117,26 @@ def measure(results: dict[str, list]) -> dict:
     return measures
 
 
+def label_font(size: int = 12):
+    """Pillow's built-in font at a size whose spaces show: at its default 10 px a space is 2 px wide and the
+    words of a label run together. Old Pillow (no sized default) keeps its bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def grid(rows: list[tuple[str, list[Image.Image]]], cell: int = 128, label: int = 18) -> Image.Image:
     """Reference, plain, layout and retouched side by side, one prompt per row, with labels."""
     width = cell * len(COLUMNS)
     canvas = Image.new("RGB", (width, label + len(rows) * (cell + label)), "white")
     draw = ImageDraw.Draw(canvas)
+    font = label_font()
     for j, title in enumerate(COLUMNS):
-        draw.text((j * cell + 4, 3), title, fill="black")
+        draw.text((j * cell + 4, 3), title, fill="black", font=font)
     for i, (prompt, images) in enumerate(rows):
         top = label + i * (cell + label)
-        draw.text((4, top + 3), prompt, fill="black")
+        draw.text((4, top + 3), prompt, fill="black", font=font)
         for j, image in enumerate(images):
             canvas.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (j * cell, top + label))
     return canvas

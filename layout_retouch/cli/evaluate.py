@@ -8,17 +8,19 @@ rerunning the same command resumes.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
+from layout_retouch.cli.options import (
+    SEED_MAX,
+    add_threads_option,
+    check_device,
+    check_output_folder,
+    parse_seed_list,
+    read_config_file,
+    set_threads,
+)
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
-from layout_retouch.evaluation.concepts import load_concepts
-from layout_retouch.evaluation.generation import PipelineGenerator, import_generator
-from layout_retouch.evaluation.jobs import build_jobs
-from layout_retouch.evaluation.runner import RunOptions, run_evaluation, summary_line
 from layout_retouch.evaluation.scoring import METRIC_FAMILIES, MetricSettings
 from layout_retouch.metrics.clip_scores import DEFAULT_CLIP_MODEL
 from layout_retouch.metrics.dino import DEFAULT_DINO_MODEL
@@ -31,7 +33,7 @@ from layout_retouch.metrics.preference import (
 )
 from layout_retouch.metrics.protocols import PROTOCOLS
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch's names
 # The paper generates 8 images per concept and prompt.
 DEFAULT_SEEDS = "8"
 
@@ -42,13 +44,15 @@ def _csv(text: str) -> list[str]:
 
 def parse_seeds(text: str) -> list[int]:
     """`8` -> seeds 0..7; `0,3,9` -> those seeds."""
+    if "," in text:
+        return parse_seed_list(text)
     try:
-        values = [int(t) for t in _csv(text)]
+        count = int(text)
     except ValueError:
         raise LayoutRetouchError(f"--seeds takes a count (8) or a list (0,3,9), got {text!r}") from None
-    if len(values) == 1 and "," not in text:
-        return list(range(values[0]))
-    return values
+    if not 1 <= count <= SEED_MAX + 1:
+        raise LayoutRetouchError(f"--seeds as a count must lie in 1..2^64, got {count}")
+    return list(range(count))
 
 
 def register(subparsers) -> None:
@@ -111,13 +115,12 @@ def register(subparsers) -> None:
         "--umap", action="store_true", help="also plot a UMAP of CLIP embeddings (needs umap-learn)"
     )
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    add_threads_option(p)
+    p.set_defaults(func=run, resume_hint="rerun the same command to resume")
 
 
 def _base_config(args) -> LayoutRetouchConfig:
-    data = {}
-    if args.config:
-        data = json.loads(Path(args.config).read_text())
+    data = read_config_file(args.config) if args.config else {}
     if args.steps is not None:
         data["num_inference_steps"] = args.steps
     if args.guidance is not None:
@@ -145,22 +148,35 @@ def _metric_settings(args) -> MetricSettings | None:
 
 
 def run(args) -> int:
+    from layout_retouch.evaluation.concepts import load_concepts
+    from layout_retouch.evaluation.generation import PipelineGenerator, import_generator
+    from layout_retouch.evaluation.jobs import build_jobs
+    from layout_retouch.evaluation.runner import RunOptions, run_evaluation, summary_line
+
     if args.batch_size < 1:
         raise LayoutRetouchError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise LayoutRetouchError(f"--limit must be 1 or more, got {args.limit}")
+    check_device(args.device, allow_auto=True)
+    check_output_folder(args.out)
+    base_config = _base_config(args)
     concepts = load_concepts(args.concepts)
     jobs = build_jobs(_csv(args.methods), concepts, _csv(args.prompts), parse_seeds(args.seeds), args.limit)
     settings = _metric_settings(args)
+    set_threads(args.threads)
     if args.generator:
         generator = import_generator(args.generator)
     elif args.base:
+        import torch
+
         from layout_retouch.metrics.loading import resolve_device
 
-        generator = PipelineGenerator(args.base, resolve_device(args.device), DTYPES[args.dtype])
+        generator = PipelineGenerator(args.base, resolve_device(args.device), getattr(torch, DTYPES[args.dtype]))
     else:
         generator = None  # scoring existing images only; missing ones are an error
     options = RunOptions(
         out_dir=Path(args.out),
-        base_config=_base_config(args),
+        base_config=base_config,
         metrics=settings,
         is_splits=args.is_splits,
         umap=args.umap,

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
+import types
+import typing
 from pathlib import Path
 
 from layout_retouch.config import METHOD_NAMES, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
-from layout_retouch.models import KINDS
+from layout_retouch.evaluation.concepts import WEIGHT_KINDS as KINDS  # models.KINDS, without importing torch
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say its default and there is one to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -98,15 +113,131 @@ def _count_or_fraction(text: str) -> int | float:
     return int(value) if value.is_integer() and ("." not in text) else value
 
 
+def _type_name(tp) -> str:
+    """A config field's type in words, for error messages."""
+    origin, params = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in params)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in params)
+    if origin is tuple:
+        return f"a list of {_type_name(params[0])} values"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             dict: "an object"}
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _matches(value, tp) -> bool:
+    origin, params = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in params)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in params)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, params[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (bool, str, type(None)):
+        return isinstance(value, tp)
+    return True
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A JSON object of LayoutRetouchConfig values, each checked against its field's type: one message naming
+    the key and the type expected, before any model is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayoutRetouchError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LayoutRetouchError(f"config file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise LayoutRetouchError(
+            f"config file {path} holds a JSON {type(data).__name__}; it needs an object of LayoutRetouchConfig "
+            'values, e.g. {"tau": 0.2}'
+        )
+    hints = typing.get_type_hints(LayoutRetouchConfig)
+    names = {f.name for f in dataclasses.fields(LayoutRetouchConfig)}
+    for key, value in data.items():
+        if key in names and not _matches(value, hints[key]):
+            raise LayoutRetouchError(
+                f"config file {path}: {key!r} must be {_type_name(hints[key])}, got {json.dumps(value)}"
+            )
+    return data
+
+
 def config_from_args(args) -> LayoutRetouchConfig:
-    data = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise LayoutRetouchError(f"config file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise LayoutRetouchError(f"config file {path} is not valid JSON: {err}") from err
+    data = read_config_file(args.config) if getattr(args, "config", None) else {}
     data.update({k: getattr(args, k) for k in METHOD_FIELDS if getattr(args, k, None) is not None})
-    return LayoutRetouchConfig.from_dict(data)
+    config = LayoutRetouchConfig.from_dict(data)
+    # S_ref and S_mask are steps of the schedule; their defaults may exceed a short run's (Stage 2 then keeps
+    # the layout's attention throughout), but a value asked for beyond the steps is a mistake.
+    for key, flag in (("ref_start_step", "--ref-start-step"), ("mask_start_step", "--mask-start-step")):
+        value = data.get(key)
+        if value is not None and not 0 <= value <= config.num_inference_steps:
+            raise LayoutRetouchError(
+                f"{flag} (config {key}) must lie in 0..{config.num_inference_steps} (the steps), got {value}"
+            )
+    return config
+
+
+def parse_seed_list(text: str, flag: str = "--seeds") -> list[int]:
+    """Comma-separated seeds, each a torch seed (0..2^64-1)."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise LayoutRetouchError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise LayoutRetouchError(f"{flag} names no seed")
+    for seed in seeds:
+        if not 0 <= seed <= SEED_MAX:
+            raise LayoutRetouchError(f"{flag}: seed {seed} is outside 0..{SEED_MAX} (2^64-1)")
+    return seeds
+
+
+def check_device(name: str, allow_auto: bool = False) -> None:
+    """The device exists in this torch build and on this machine (torch's own error comes at the first
+    tensor moved, after minutes of loading)."""
+    if allow_auto and name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LayoutRetouchError(f"--device {name!r} is not a device: give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise LayoutRetouchError(
+                f"--device {name}: this torch build ({torch.__version__}) has no CUDA; install a CUDA build "
+                "(see README) or pass --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or count == 0:
+            raise LayoutRetouchError(f"--device {name}: {count} CUDA device(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise LayoutRetouchError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise LayoutRetouchError(f"--device {name!r}: give cpu, cuda, cuda:N or mps")
+
+
+def check_output_folder(out: str | Path, flag: str = "--out") -> Path:
+    """`out` is, or can become, a folder this process can write to; checked before any work, created later."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LayoutRetouchError(f"{flag} {out} is a file, not a folder")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LayoutRetouchError(f"{flag} {out} cannot be made: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LayoutRetouchError(f"{flag} {out} cannot be written: no write permission in {ancestor}")
+    return out
