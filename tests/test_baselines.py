@@ -277,3 +277,28 @@ def test_evaluate_writes_baselines_into_the_table(tmp_path):
     assert sorted(p.parts[-4] for p in (out / "images").rglob("*.png")) == sorted(methods)
     table = (out / "table.md").read_text()
     assert all(METHOD_LABELS[m] in table for m in methods)
+
+
+def test_speed_benchmark_times_each_baseline_beside_plain_sampling(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from layout_retouch.config import BASELINES
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+
+    args = speed.parse_args(["--quick", "--baselines"])
+    variants = speed.configs(args)
+    assert [variants[name].method for name in BASELINES] == list(BASELINES)
+    assert speed.parse_args(["--quick", "--baselines", "freeu"]).baselines == ["freeu"]
+    assert speed.parse_args(["--quick"]).baselines is None
+    seconds = {name: [float(i + 1)] for i, name in enumerate(variants)}  # plain 1 s, full 2 s, then 3, 4, 5
+    timing = {"seconds": seconds, "evaluations": {name: (1.0, 1.0) for name in variants}, "peaks": {}, "ops": {}}
+    speed.summarize(args, timing, {})
+    printed = capsys.readouterr().out
+    for name in BASELINES:
+        assert f"ratio {name}/plain {seconds[name][0] / seconds['plain'][0]:.3f}" in printed
+    assert printed.strip().splitlines()[-1] == f"ratio {seconds['full'][0] / seconds['plain'][0]:.3f}"
