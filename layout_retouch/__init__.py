@@ -6,6 +6,19 @@ adaptive mask (masks, segmenters). `LayoutRetouchPipeline` runs both; `LayoutRet
 every hyperparameter.
 """
 
+import logging
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """transformers 5 says at every image processor that torchvision is missing and it falls back to PIL;
+    this project uses the PIL processors on purpose, so the notice is noise (its other warnings stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+
 __all__ = ["LayoutRetouchConfig", "LayoutRetouchOutput", "LayoutRetouchPipeline"]
 __version__ = "0.1.0"
 _HOMES = {"LayoutRetouchConfig": "config", "LayoutRetouchOutput": "pipeline", "LayoutRetouchPipeline": "pipeline"}

@@ -354,7 +354,7 @@ def test_help_is_fast_and_says_each_default_once():
     import sys
 
     code = ("import sys\nfrom layout_retouch.cli import main\n"
-            "for argv in ([], ['generate'], ['demo']):\n"
+            "for argv in ([], ['generate'], ['demo'], ['evaluate'], ['personalize']):\n"
             "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules, 'diffusers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -399,3 +399,13 @@ def test_personalization_kinds_agree():
     from layout_retouch.models import KINDS as MODEL_KINDS
 
     assert KINDS == MODEL_KINDS
+
+
+def test_no_torchvision_notice_from_transformers():
+    """transformers 5 announces its PIL fallback for every image processor when torchvision is missing."""
+    import subprocess
+    import sys
+
+    code = "import layout_retouch.pipeline\nfrom transformers import CLIPImageProcessor\nCLIPImageProcessor()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "torchvision" not in done.stderr

@@ -21,14 +21,16 @@ from layout_retouch.cli.options import (
 )
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
-from layout_retouch.evaluation.scoring import METRIC_FAMILIES, MetricSettings
-from layout_retouch.metrics.clip_scores import DEFAULT_CLIP_MODEL
-from layout_retouch.metrics.dino import DEFAULT_DINO_MODEL
-from layout_retouch.metrics.inception_score import DEFAULT_IS_CLASSIFIER, DEFAULT_IS_SPLITS, IS_BACKENDS
-from layout_retouch.metrics.layout_diversity import DEFAULT_DETECTOR_MODEL
-from layout_retouch.metrics.preference import (
+from layout_retouch.metrics.defaults import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DETECTOR_MODEL,
+    DEFAULT_DINO_MODEL,
+    DEFAULT_IS_CLASSIFIER,
+    DEFAULT_IS_SPLITS,
     DEFAULT_PICKSCORE_MODEL,
     DEFAULT_PICKSCORE_PROCESSOR,
+    IS_BACKENDS,
+    METRIC_FAMILIES,
     PREFERENCE_METRICS,
 )
 from layout_retouch.metrics.protocols import PROTOCOLS
@@ -128,7 +130,9 @@ def _base_config(args) -> LayoutRetouchConfig:
     return LayoutRetouchConfig.from_dict(data)
 
 
-def _metric_settings(args) -> MetricSettings | None:
+def _metric_settings(args):
+    from layout_retouch.evaluation.scoring import MetricSettings
+
     metrics = _csv(args.metrics)
     if metrics == ["none"]:
         return None

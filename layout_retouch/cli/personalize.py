@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from layout_retouch.personalize import METHODS, PersonalizeConfig, personalize
 from layout_retouch.personalize.config import (
     DEFAULT_LEARNING_RATES,
     DEFAULT_MAX_STEPS,
     DEFAULT_PROMPT_TEMPLATE,
+    METHODS,
+    PersonalizeConfig,
 )
 
 EXAMPLE = """examples:
@@ -83,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> PersonalizeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from layout_retouch.personalize.api import personalize
+
     result = personalize(config_from_args(args))
     resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""

@@ -16,6 +16,7 @@ from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.evaluation.concepts import Concept
 from layout_retouch.evaluation.jobs import Job
 from layout_retouch.metrics.clip_scores import DEFAULT_CLIP_MODEL, ClipScorer
+from layout_retouch.metrics.defaults import METRIC_FAMILIES  # noqa: F401  (re-exported)
 from layout_retouch.metrics.dino import DEFAULT_DINO_MODEL, DinoScorer
 from layout_retouch.metrics.inception_score import (
     DEFAULT_IS_CLASSIFIER,
@@ -32,9 +33,6 @@ from layout_retouch.metrics.preference import (
 )
 from layout_retouch.metrics.protocols import get_protocol
 from layout_retouch.metrics.similarity import cosine_to_text, mean_cosine_to_references
-
-# Metric families; "clip" gives CLIP-I and CLIP-T, "layout" the subject centers.
-METRIC_FAMILIES = ("clip", "dino", "preference", "inception", "layout")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from layout_retouch.metrics.defaults import DEFAULT_CLIP_MODEL  # noqa: F401  (re-exported)
 from layout_retouch.metrics.loading import load_pretrained, resolve_device
 from layout_retouch.metrics.protocols import MetricProtocol, get_protocol
 from layout_retouch.metrics.similarity import cosine_to_text, l2_normalize, mean_cosine_to_references
-
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 class ClipScorer:

@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from layout_retouch.metrics.defaults import DEFAULT_DINO_MODEL  # noqa: F401  (re-exported)
 from layout_retouch.metrics.loading import load_pretrained, resolve_device
 from layout_retouch.metrics.protocols import MetricProtocol, get_protocol
 from layout_retouch.metrics.similarity import l2_normalize, mean_cosine_to_references
-
-DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 
 
 class DinoScorer:

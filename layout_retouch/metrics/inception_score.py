@@ -14,14 +14,12 @@ import torch
 from PIL import Image
 
 from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.metrics.defaults import (  # noqa: F401  (re-exported)
+    DEFAULT_IS_CLASSIFIER,
+    DEFAULT_IS_SPLITS,
+    IS_BACKENDS,
+)
 from layout_retouch.metrics.loading import load_pretrained, resolve_device
-
-# The transformers classifier used when torch-fidelity is missing (an ImageNet-1k classifier).
-DEFAULT_IS_CLASSIFIER = "google/vit-base-patch16-224"
-# Number of splits of the image set; the score is averaged over them. The paper scores the images
-# of each prompt together, so one split (torch-fidelity's default of 10 needs thousands of images).
-DEFAULT_IS_SPLITS = 1
-IS_BACKENDS = ("auto", "torch-fidelity", "transformers")
 
 
 def inception_score(probs: np.ndarray, splits: int = DEFAULT_IS_SPLITS) -> tuple[float, float]:

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.metrics.defaults import DEFAULT_DETECTOR_MODEL  # noqa: F401  (re-exported)
 from layout_retouch.metrics.loading import load_pretrained, resolve_device
 
-DEFAULT_DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
 # Text query given to the detector; `{}` is the concept's class word (OWL-ViT's prompt style).
 DETECTOR_QUERY_TEMPLATE = "a photo of a {}"
 

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.metrics.defaults import (  # noqa: F401  (re-exported)
+    DEFAULT_PICKSCORE_MODEL,
+    DEFAULT_PICKSCORE_PROCESSOR,
+    PREFERENCE_METRICS,
+)
 from layout_retouch.metrics.loading import load_pretrained, resolve_device
 from layout_retouch.metrics.protocols import MetricProtocol, get_protocol
 from layout_retouch.metrics.similarity import cosine_to_text
-
-DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-# PickScore ships without its own processor; its authors use the processor of the CLIP it was tuned from.
-DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-PREFERENCE_METRICS = ("pickscore", "imagereward")
 
 
 class PickScorer:

@@ -4,13 +4,21 @@
     personalize(PersonalizeConfig(method="lora", base="path/to/sd", photos="photos/", output="out/"))
 """
 
-from layout_retouch.personalize.api import PersonalizeResult, personalize
-from layout_retouch.personalize.common import METADATA_FILE
 from layout_retouch.personalize.config import METHODS, PersonalizeConfig
-from layout_retouch.personalize.lora import LORA_WEIGHTS_FILE
-from layout_retouch.personalize.textual_inversion import EMBEDS_FILE
 
 __all__ = [
     "EMBEDS_FILE", "LORA_WEIGHTS_FILE", "METADATA_FILE", "METHODS", "PersonalizeConfig", "PersonalizeResult",
     "personalize",
 ]
+# Imported on first use: they pull in torch and diffusers (seconds), which `personalize --help` and the
+# light `config` sub-module should not wait for.
+_HOMES = {"PersonalizeResult": "api", "personalize": "api", "METADATA_FILE": "common", "LORA_WEIGHTS_FILE": "lora",
+          "EMBEDS_FILE": "textual_inversion"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
