@@ -302,3 +302,42 @@ def test_speed_benchmark_times_each_baseline_beside_plain_sampling(capsys):
     for name in BASELINES:
         assert f"ratio {name}/plain {seconds[name][0] / seconds['plain'][0]:.3f}" in printed
     assert printed.strip().splitlines()[-1] == f"ratio {seconds['full'][0] / seconds['plain'][0]:.3f}"
+
+
+def test_appearance_matching_attention_reads_the_references_values_at_the_matched_pixels():
+    """The target keeps its queries and keys and reads, where the mask is on, the reference's values moved by the
+    matching; the reference rows attend as usual."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import Attention
+
+    from layout_retouch.baselines.dreammatcher import DreamMatcherConfig
+    from layout_retouch.baselines.matching_attention import MatchingAttnProcessor
+
+    torch.manual_seed(0)
+    side, heads, width = 3, 2, 8
+    attn = Attention(query_dim=width, heads=heads, dim_head=width // heads)
+    x = torch.randn(4, side * side, width)  # rows: reference uncond, reference cond, target uncond, target cond
+    flow = torch.randperm(side * side)[None]  # target pixel i matches reference pixel flow[0, i]
+    mask = (torch.arange(side * side) % 2).float()[None]  # the odd pixels borrow, the even ones keep their own
+    control = SimpleNamespace(
+        map_layers=set(), match_layers={"layer"}, active=True, latent_size=(side, side), n=1,
+        settings=DreamMatcherConfig(), target_rows=lambda half: slice(2 + half, 3 + half),
+        matches=lambda half, size: (flow, mask))
+    out = MatchingAttnProcessor(control, "layer")(attn, x)
+
+    def split(t):
+        return t.view(t.shape[0], -1, heads, width // heads).transpose(1, 2)
+
+    for half in (0, 1):
+        target, reference = x[2 + half: 3 + half], x[half: half + 1]
+        q, k, v = split(attn.to_q(target)), split(attn.to_k(target)), split(attn.to_v(target))
+        v_ref = split(attn.to_v(reference))[:, :, flow[0]]
+        m = mask[0][None, None, :, None]
+        expected = F.scaled_dot_product_attention(q, k, m * v_ref + (1 - m) * v)
+        expected = attn.to_out[0](expected.transpose(1, 2).reshape(1, -1, width))
+        assert torch.allclose(out[2 + half], expected[0], atol=1e-6)
+        q, k, v = (split(p(reference)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        plain = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, width))
+        assert torch.allclose(out[half], plain[0], atol=1e-6)
