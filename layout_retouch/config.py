@@ -142,6 +142,10 @@ class LayoutRetouchConfig:
             )
         if not 0.0 <= self.tau < 1.0:
             raise LayoutRetouchError(f"tau must lie in [0, 1), got {self.tau}")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise LayoutRetouchError(f"unknown baselines in `baselines`: {', '.join(unknown)}; "
+                                     f"choose from {', '.join(BASELINES)}")
         if self.feature_offload not in (True, False, "auto"):
             raise LayoutRetouchError(f"feature_offload must be true, false or 'auto', got {self.feature_offload!r}")
 

@@ -36,6 +36,11 @@ def test_baselines_are_methods():
     assert not LayoutRetouchConfig(method="magicfusion").uses_reference
 
 
+def test_unknown_baseline_name_is_an_error():
+    with pytest.raises(LayoutRetouchError, match="unknown baselines in `baselines`: freu"):
+        LayoutRetouchConfig(baselines={"freu": {"b1": 1.5}})
+
+
 def test_unknown_baseline_hyperparameter_is_an_error(pipe):
     with pytest.raises(LayoutRetouchError, match="unknown freeu hyperparameters: b3"):
         run(pipe, "freeu", baselines={"freeu": {"b3": 1.0}})
