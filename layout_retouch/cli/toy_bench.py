@@ -1,9 +1,10 @@
 """`layout-retouch toy-bench`: the paper's ablation and trade-off sweep, measured in the toy world.
 
-Runs rows I-V (and with `--baselines` FreeU, MagicFusion and DreamMatcher) on the shipped toy personalizations
-over a fixed prompt set (or `--prompts FILE`) and seeds, scores every image with the oracles and writes results.json, table.md, scatter plots
-and image grids (`--sweep`: the T_l / S_ref / S_mask sweep instead). Re-running with the same
-`--out` and settings resumes: finished (personalization, row, prompt) units are not made again.
+Runs rows I-V (and with `--baselines` FreeU, MagicFusion and DreamMatcher) on the shipped toy
+personalizations over a fixed prompt set (or `--prompts FILE`) and seeds, scores every image with the
+oracles and writes results.json, table.md, scatter plots and image grids (`--sweep`: the T_l / S_ref /
+S_mask sweep instead). Re-running with the same `--out` and settings resumes: finished (personalization,
+row, prompt) units are not made again.
 """
 
 from __future__ import annotations
