@@ -9,10 +9,11 @@ import re
 import sys
 import warnings
 
-# transformers warns at import about optional image backends (torchvision) this project never uses;
-# keep its errors, drop that noise. A user's own setting wins.
+# transformers' warnings (at import, about optional backends this project never uses) are noise on the
+# command line: keep its errors. A user's own setting wins.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from layout_retouch.cli.options import quiet_libraries
 from layout_retouch.errors import LayoutRetouchError
 
 # Each entry is a module of this package that defines `register(subparsers)`; the parser it adds
@@ -50,20 +51,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries(quiet: bool) -> None:
-    """No loading bars from diffusers and transformers (our own bars show the work); with --quiet none
-    from downloads either. Imports diffusers, which every command that runs a model needs anyway."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-
-
 def _command(argv: list[str]) -> str:
     """The command named in `argv` ('' for none): the first word that is one."""
     return next((a for a in argv if a in COMMANDS), "")
@@ -99,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():  # a warning is one line, as an error is
         warnings.showwarning = _show_warning
         try:
-            quiet_libraries(getattr(args, "quiet", False))
+            if not getattr(args, "checks_first", False):  # those that do call it once their inputs are checked
+                quiet_libraries(getattr(args, "quiet", False))
             return int(args.func(args) or 0)
         except (LayoutRetouchError, FileNotFoundError) as err:
             print(f"layout-retouch {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from layout_retouch.cli.options import HelpFormatter, add_threads_option, check_output_folder, set_threads
+from layout_retouch.cli.options import (
+    HelpFormatter,
+    add_threads_option,
+    check_output_folder,
+    quiet_libraries,
+    set_threads,
+)
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png
@@ -40,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo in --out")
     add_threads_option(p)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, checks_first=True)
 
 
 def run(args) -> int:
@@ -52,6 +58,7 @@ def run(args) -> int:
     check_output_folder(out)
     base, tuned, reference = find_toy_models(args.personalized)
     set_threads(args.threads)
+    quiet_libraries(args.quiet)
     import torch
     from tqdm.auto import tqdm
 

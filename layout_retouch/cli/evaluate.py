@@ -16,6 +16,7 @@ from layout_retouch.cli.options import (
     check_device,
     check_output_folder,
     parse_seed_list,
+    quiet_libraries,
     read_config_file,
     set_threads,
 )
@@ -118,7 +119,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     add_threads_option(p)
-    p.set_defaults(func=run, resume_hint="rerun the same command to resume")
+    p.set_defaults(func=run, resume_hint="rerun the same command to resume", checks_first=True)
 
 
 def _base_config(args) -> LayoutRetouchConfig:
@@ -168,6 +169,7 @@ def run(args) -> int:
     jobs = build_jobs(_csv(args.methods), concepts, _csv(args.prompts), parse_seeds(args.seeds), args.limit)
     settings = _metric_settings(args)
     set_threads(args.threads)
+    quiet_libraries(args.no_progress)
     if args.generator:
         generator = import_generator(args.generator)
     elif args.base:

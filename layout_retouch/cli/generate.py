@@ -20,6 +20,7 @@ from layout_retouch.cli.options import (
     check_output_folder,
     config_from_args,
     parse_seed_list,
+    quiet_libraries,
     set_threads,
 )
 from layout_retouch.errors import LayoutRetouchError, PromptError
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace finished results")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_threads_option(g)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, checks_first=True)
 
 
 def read_prompts(args) -> list[str]:
@@ -171,6 +172,7 @@ def run(args) -> int:
         print(f"nothing to do: every result is already in {out}")
         return 0
     set_threads(args.threads)
+    quiet_libraries(args.quiet)
     import torch
     from tqdm.auto import tqdm
 

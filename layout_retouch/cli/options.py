@@ -64,6 +64,20 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+def quiet_libraries(quiet: bool) -> None:
+    """No loading bars from diffusers and transformers (our own bars show the work); with --quiet none
+    from downloads either. Imports diffusers (seconds): commands call it after checking their inputs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def add_model_options(p: argparse.ArgumentParser, base_required: bool = True) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--base", required=base_required,
@@ -205,8 +219,8 @@ def parse_seed_list(text: str, flag: str = "--seeds") -> list[int]:
 def check_device(name: str, allow_auto: bool = False) -> None:
     """The device exists in this torch build and on this machine (torch's own error comes at the first
     tensor moved, after minutes of loading)."""
-    if allow_auto and name == "auto":
-        return
+    if name == "cpu" or (allow_auto and name == "auto"):
+        return  # no need to import torch (seconds) for these
     import torch
 
     try:
