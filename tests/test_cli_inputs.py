@@ -121,7 +121,10 @@ def bad_files(tmp_path):
     files = {"file": tmp_path / "a_file", "not_image": tmp_path / "not_image.png", "list": tmp_path / "list.json",
              "tau_high": tmp_path / "tau_high.json", "not_json": tmp_path / "not_json.json",
              "unknown_key": tmp_path / "unknown_key.json", "steps_float": tmp_path / "steps_float.json",
-             "binary_prompts": tmp_path / "prompts.bin"}
+             "binary_prompts": tmp_path / "prompts.bin", "sam_uncached": tmp_path / "sam_uncached.json",
+             "sam_folder": tmp_path / "sam_folder.json"}
+    files["sam_uncached"].write_text('{"sam_model": "nobody/no-such-sam"}')
+    files["sam_folder"].write_text(json.dumps({"sam_model": str(tmp_path / "no_sam")}))
     files["file"].write_text("x")
     files["not_image"].write_text("not an image")
     files["list"].write_text("[1, 2]")
@@ -252,6 +255,9 @@ EVALUATE_CASES = [
     (["--config", "{tau_high}"], "'tau' must be a number"),
     (["--config", "{not_json}"], "is not valid JSON"),
     (["--methods", "VI"], "unknown method 'VI'"),
+    (["--base", "{file}", "--methods", "I,V", "--config", "{sam_uncached}"],
+     "not in the local cache and the hub is off (HF_HUB_OFFLINE): pass --segmenter none"),
+    (["--base", "{file}", "--methods", "V", "--config", "{sam_folder}"], "is not a model folder: pass --segmenter"),
 ]
 
 
@@ -264,10 +270,10 @@ def test_evaluate_refuses_bad_input(tmp_path, bad_files, capsys, extra, expected
     out = tmp_path / "out"
     args = ["evaluate", "--concepts", root, "--out", out, "--seeds", 1, "--metrics", "none", "--no-progress",
             "--generator", "metric_tiny_models:stand_in_generator", "--threads", 1]
-    for flag in ("--seeds", "--out"):
-        if flag in extra:
-            i = args.index(flag)
-            del args[i : i + 2]
+    replaced = {"--seeds", "--out"} & set(extra) | ({"--generator"} if "--base" in extra else set())
+    for flag in replaced:  # the case gives its own
+        i = args.index(flag)
+        del args[i : i + 2]
     code = cli(*args, *_fill(extra, bad_files, tmp_path / "missing"))
     assert_refused(code, capsys.readouterr().err, out, expected)
 
@@ -409,3 +415,12 @@ def test_no_torchvision_notice_from_transformers():
     code = "import layout_retouch.pipeline\nfrom transformers import CLIPImageProcessor\nCLIPImageProcessor()"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "torchvision" not in done.stderr
+
+
+def test_size_off_the_vae_grid_warns(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(*generate_args(tiny_dir, out, "--prompt", "a sks dog"), "--height", 33) == 0  # odd: off any VAE grid
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--height 33 is not a multiple of" in err[0]
+    (image,) = results(out)
+    assert Image.open(image).height < 33

@@ -26,7 +26,7 @@ from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png
 from layout_retouch.toyworld.world import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, find_toy_models  # noqa: F401
 
-PROMPTS = (  # context the DreamBooth model tends to lose (TOYWORLD.md): scenes, accessories, occluders
+PROMPTS = (  # context the DreamBooth model tends to lose (toyworld/README.md): scenes, accessories, occluders
     "a photo of a sks star at night",
     "a photo of a sks star in the snow",
     "a photo of a sks star wearing a red hat on the beach",

@@ -15,6 +15,7 @@ from layout_retouch.cli.options import (
     add_threads_option,
     check_device,
     check_output_folder,
+    check_segmenter_available,
     parse_seed_list,
     quiet_libraries,
     read_config_file,
@@ -168,6 +169,9 @@ def run(args) -> int:
     concepts = load_concepts(args.concepts)
     jobs = build_jobs(_csv(args.methods), concepts, _csv(args.prompts), parse_seeds(args.seeds), args.limit)
     settings = _metric_settings(args)
+    if not args.generator and args.base:
+        for method in dict.fromkeys(job.method for job in jobs):
+            check_segmenter_available(base_config.replace(method=method))
     set_threads(args.threads)
     quiet_libraries(args.no_progress)
     if args.generator:

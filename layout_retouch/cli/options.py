@@ -242,6 +242,29 @@ def check_device(name: str, allow_auto: bool = False) -> None:
         raise LayoutRetouchError(f"--device {name!r}: give cpu, cuda, cuda:N or mps")
 
 
+def check_segmenter_available(config: LayoutRetouchConfig) -> None:
+    """Segment Anything can be loaded: a local folder with its config, or a hub id in the local cache
+    when the hub is off (HF_HUB_OFFLINE). Without this, a run fails after its first images (the mask
+    is made at the end of Stage 2). With the hub on, the load itself is the check."""
+    if not config.uses_mask_blending or config.segmenter != "sam":
+        return
+    model, hint = config.sam_model, "pass --segmenter none (cross-attention masks only) or --sam-model FOLDER"
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LayoutRetouchError(f"Segment Anything folder {model} has no config.json: {hint}")
+        return
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise LayoutRetouchError(f"Segment Anything {model!r} is not a model folder: {hint}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise LayoutRetouchError(
+                f"Segment Anything {model!r} is not in the local cache and the hub is off (HF_HUB_OFFLINE): {hint}"
+            )
+
+
 def check_output_folder(out: str | Path, flag: str = "--out") -> Path:
     """`out` is, or can become, a folder this process can write to; checked before any work, created later."""
     out = Path(out)
