@@ -424,3 +424,31 @@ def test_size_off_the_vae_grid_warns(tiny_dir, tmp_path, capsys):
     assert len(err) == 1 and "--height 33 is not a multiple of" in err[0]
     (image,) = results(out)
     assert Image.open(image).height < 33
+
+
+PARSER_CASES = [
+    (["generate", "--base", "b", "--out", "o", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["generate", "--base", "b", "--out", "o", "--threads", "-1"], "argument --threads: must be 0"),
+    (["generate", "--base", "b"], "the following arguments are required: --out"),
+    (["evaluate", "--out", "o"], "the following arguments are required: --concepts"),
+    (["demo", "--seeds", "many"], "argument --seeds: invalid int value"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", PARSER_CASES, ids=[" ".join(c[0]) for c in PARSER_CASES])
+def test_option_errors_are_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(argv)
+    assert exit_code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "usage" not in err[0]
+
+
+@pytest.mark.parametrize("extra, expected", [(["--seeds", "0"], "--seeds and --steps must be 1 or more"),
+                                             (["--steps", "-2"], "--seeds and --steps must be 1 or more"),
+                                             (["--out", "{file}"], "is a file, not a folder")])
+def test_demo_refuses_bad_input(tmp_path, bad_files, capsys, extra, expected):
+    out = tmp_path / "demo"
+    code = cli("demo", "--out", out, "--threads", 1, "--quiet", *_fill(extra, bad_files, tmp_path / "missing"))
+    assert_refused(code, capsys.readouterr().err, out, expected)

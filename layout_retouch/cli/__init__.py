@@ -13,7 +13,7 @@ import warnings
 # command line: keep its errors. A user's own setting wins.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from layout_retouch.cli.options import quiet_libraries
+from layout_retouch.cli.options import Parser, quiet_libraries
 from layout_retouch.errors import LayoutRetouchError
 
 # Each entry is a module of this package that defines `register(subparsers)`; the parser it adds
@@ -32,7 +32,7 @@ COMMANDS = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or with `only` one command's full options and the others' names alone: a
     command's module imports torch and diffusers (seconds), which `--help` and errors should not wait for."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="layout-retouch",
         description="Layout-and-Retouch: varied layouts for personalized Stable Diffusion, training-free.",
     )

@@ -28,8 +28,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default prints the whole usage first), exit code 2 as before."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _thread_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (torch's default) or more, got {value}")
+    return value
+
+
 def add_threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_thread_count, default=None,
                    help="torch CPU threads (0: torch's default; default: the cores idle when the command "
                    "starts, at least 1: on this project's 2-core machine two threads ran a toy benchmark "
                    "1.9x faster than one when quiet, and 3-15x slower when another job held a core)")
