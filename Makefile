@@ -13,7 +13,7 @@ $(BIN)/layout-retouch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,web]"
 	touch $@
 
 setup: $(BIN)/layout-retouch

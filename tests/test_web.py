@@ -179,11 +179,17 @@ def test_png_parameters_match_generate(engine, tmp_path):
 def test_masks_and_reconstruction_on_request(engine):
     outcome = final_run(engine, show_masks=True, num_images=2)
     kinds = [t.kind for t in outcome.tiles]
-    row = ["layout", "final", *(f"mask_{m}" for m in MASKS), "reference_reconstruction"]
-    assert kinds == row * 2 and outcome.columns == len(row)
+    row = ["layout", "final", "reference", "reference_reconstruction", *(f"mask_{m}" for m in MASKS)]
+    assert kinds == row * 2 and outcome.columns == 4  # an image's 8 tiles in two gallery rows
     assert [t.row[2] for t in outcome.tiles] == [0] * len(row) + [1] * len(row)
     mask = np.asarray(Image.open(outcome.tiles[kinds.index("mask_final")].path))
     assert mask.shape[:2] == Image.open(outcome.tiles[1].path).size[::-1]
+
+
+def test_gallery_columns_keep_an_image_in_whole_rows(engine):
+    assert final_run(engine, method="IV", show_masks=True).columns == 4  # layout, final, reference, reconstruction
+    assert final_run(engine, method="III", show_masks=True).columns == 3  # no layout, no mask blending
+    assert final_run(engine, method="I", seeds="1,2,3", show_masks=True).columns == 3  # one tile an image
 
 
 def test_compare_rows_are_i_ii_v_on_one_seed(engine):

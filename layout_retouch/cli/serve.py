@@ -11,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 from layout_retouch.cli.options import (
+    HelpFormatter,
     add_method_options,
     add_model_options,
     add_threads_option,
+    check_output_folder,
     config_from_args,
     set_threads,
 )
@@ -27,16 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="a web page for Layout-and-Retouch (Gradio; the toy world by default)",
                        description="Serve Layout-and-Retouch in the browser. Without --base it runs on the shipped "
                        "toy world (no download). Needs the web extra: pip install -e '.[web]'.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_model_options(p, base_required=False)
     add_method_options(p)
     g = p.add_argument_group("page")
-    g.add_argument("--reference", action="append", default=[],
+    g.add_argument("--reference", action="append",
                    help="a reference photo offered in the page (repeatable); without --base, the toy world's photos")
     g.add_argument("--prompt", help="the page's first prompt; an example with the token if not given")
     g.add_argument("--out", help="folder for the PNGs the page makes; a new temporary folder if not given")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=7860)
+    g.add_argument("--port", type=int, default=7860, help="port to listen on")
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -69,11 +71,13 @@ def load(args):
 
     toy = args.base is None
     references = toy_world_defaults(args) if toy else []
-    references = [Path(r) for r in args.reference] or references
+    references = [Path(r) for r in args.reference or []] or references
     for path in references:
         if not path.is_file():
             raise LayoutRetouchError(f"reference photo {path} does not exist")
     defaults = config_from_args(args)  # checked before the models load
+    if args.out:
+        check_output_folder(args.out)
     pipe = load_pipeline_from_args(args)
     pipe.progress = False
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="layout-retouch-web-"))

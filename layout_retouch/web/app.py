@@ -68,8 +68,13 @@ def build_app(engine: WebEngine) -> gr.Blocks:
         for outcome in run_request(engine, fields, report):
             yield page_outputs(outcome)
 
+    def started():
+        waiting = "Waiting for the generation before it to end..." if engine.busy else "Starting..."
+        return None, None, gr.Markdown(value=waiting, elem_classes=[])
+
     def stop():
-        return "Stopping after the current step..." if engine.stop() else "Nothing is running."
+        # A toast, not the status line: the run's own "Stopped ..." must be the status's last word.
+        gr.Info("Stopping after the current step..." if engine.stop() else "Nothing is running.")
 
     with gr.Blocks(title=models.title, analytics_enabled=False) as app:
         gr.Markdown(f"# {models.title}\nPersonal subject {subject}, class word `{models.pipe.models.class_word}`. "
@@ -110,15 +115,18 @@ def build_app(engine: WebEngine) -> gr.Blocks:
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Results (a row per image)", columns=2, elem_id="gallery",
+                gallery = gr.Gallery(label="Results", columns=2, elem_id="gallery",
                                      object_fit="contain", height="auto")
                 files = gr.File(label="PNG downloads (each with its parameters in the PNG text chunk)",
                                 file_count="multiple", elem_id="downloads", interactive=False)
         inputs = [reference, prompts, seeds, num_images, method, vanilla_steps, ref_start_step, mask_start_step, tau,
                   steps, guidance, compare, show_masks]
-        run.click(generate, inputs=inputs, outputs=[gallery, files, status], preprocess=False, concurrency_limit=1,
-                  concurrency_id="generate", api_name="generate")
-        halt.click(stop, outputs=[status], queue=False, api_name="stop")
+        # At once, outside the queue, the page drops the last results and says the press was taken; then the run.
+        pressed = run.click(started, outputs=[gallery, files, status], queue=False, api_visibility="private",
+                            show_progress="hidden")
+        pressed.then(generate, inputs=inputs, outputs=[gallery, files, status], preprocess=False,
+                     concurrency_limit=1, concurrency_id="generate", api_name="generate", show_progress_on=[gallery])
+        halt.click(stop, queue=False, api_name="stop", show_progress="hidden")
     app.queue(default_concurrency_limit=1)
     return app
 

@@ -263,7 +263,7 @@ class WebEngine:
 
         def progress(stage: str, done: int, total: int) -> None:
             if self._stop.is_set():
-                raise Stopped(f"stopped during {label}, {stage} step {done}/{total}")
+                raise Stopped(f"during {label}, {stage} step {done}/{total}")
             if stage in stages and total > 0:
                 within = (stages.index(stage) + done / total) / len(stages)
                 shown[0] = max(shown[0], (done_runs + within) / runs)
@@ -283,42 +283,45 @@ class WebEngine:
         where.mkdir(parents=True, exist_ok=True)
         tiles = []
 
-        def add(image: Image.Image, i: int, kind: str, method: str, caption: str) -> None:
-            path = where / f"seed{seed}_{i}_{method}_{kind}.png"
+        def add(image: Image.Image, i: int, kind: str, caption: str) -> None:
+            path = where / f"seed{seed}_{i}_{config.method}_{kind}.png"
             parameters = {**base, "index": i, OUTPUT_KEY: {"prompt": prompt, "seed": seed, "index": i, **key}}
             if kind != "final":
                 parameters["image"] = kind
             save_png(image, path, parameters)
-            tiles.append(Tile(path, f"{caption} · seed {seed} #{i} · {prompt}", kind, method, (prompt, seed, i)))
+            where_from = f" · seed {seed}" + (f" #{i}" if request.num_images > 1 else "")
+            if len(request.prompts) > 1:
+                where_from += f" · {prompt}"
+            tiles.append(Tile(path, caption + where_from, kind, config.method, (prompt, seed, i)))
 
-        method = config.method
         for i, image in enumerate(result.images):
             if config.uses_layout_path and result.layout_images:
-                add(result.layout_images[i], i, "layout", method, "II: layout" if request.compare
-                    else "layout (Stage 1)")
-            add(image, i, "final", method, METHODS[method].split(":")[0] if request.compare else f"{method}: final")
-            if request.show_masks:
-                for name in MASKS:
-                    if name in result.masks:
-                        add(mask_image(result.masks[name][i], image.size), i, f"mask_{name}", method,
-                            f"mask {name}")
-                if result.reference_reconstruction is not None:
-                    add(result.reference_reconstruction, i, "reference_reconstruction", method,
-                        "reference reconstruction")
+                add(result.layout_images[i], i, "layout", "II: layout" if request.compare else "layout (Stage 1)")
+            add(image, i, "final", config.method if request.compare else f"{config.method}: final")
+            if not request.show_masks:
+                continue
+            if result.reference_image is not None and not request.compare:
+                add(result.reference_image, i, "reference", "reference (as the model saw it)")
+            if result.reference_reconstruction is not None:
+                add(result.reference_reconstruction, i, "reference_reconstruction", "reference reconstruction")
+            for name in MASKS:
+                if name in result.masks:
+                    add(mask_image(result.masks[name][i], image.size), i, f"mask_{name}", f"mask {name}")
         return tiles
 
     @staticmethod
     def arrange(tiles: list[Tile], request: Request) -> list[Tile]:
-        """The gallery's order: one row per image; in compare mode I, II and V side by side (then V's masks)."""
+        """The gallery's order: the tiles of one image together; in compare mode I, II and V side by side
+        (then V's reconstruction and masks)."""
         if not request.compare:
             return list(tiles)
         rows: dict[tuple, list[Tile]] = {}
         for tile in tiles:
             rows.setdefault(tile.row, []).append(tile)
-        order = {("I", "final"): 0, ("V", "layout"): 1, ("V", "final"): 2}
+        first = {("I", "final"): 0, ("V", "layout"): 1, ("V", "final"): 2}
         arranged = []
         for row in rows.values():
-            arranged += sorted(row, key=lambda t: order.get((t.method, t.kind), 3))
+            arranged += sorted(row, key=lambda t: first.get((t.method, t.kind), 3))  # stable: the rest keep order
         return arranged
 
 
@@ -333,8 +336,12 @@ class Outcome:
 
     @property
     def columns(self) -> int:
-        """Images per row: the tiles of one image (a gallery row per image)."""
-        return sum(1 for t in self.tiles if t.row == self.tiles[0].row) if self.tiles else 2
+        """The gallery's columns: an image's tiles fill whole rows (up to 4 a row; with the masks, 8 tiles in
+        two rows); images of a single tile share rows."""
+        if not self.tiles:
+            return 2
+        per_image = sum(1 for t in self.tiles if t.row == self.tiles[0].row)
+        return min(4, len(self.tiles)) if per_image == 1 else min(per_image, 4)
 
     @property
     def images(self) -> int:
@@ -356,7 +363,7 @@ def run_request(engine: WebEngine, fields: dict, report: Callable[[Progress], No
         yield Outcome(tiles, f"Done: {Outcome(tiles).images} image(s) in {seconds:.1f} s.", seconds=seconds)
     except Stopped as stop:
         seconds = time.perf_counter() - start
-        yield Outcome(tiles, f"Stopped ({stop}); {Outcome(tiles).images} finished image(s) kept.", seconds=seconds)
+        yield Outcome(tiles, f"Stopped {stop}; {Outcome(tiles).images} finished image(s) kept.", seconds=seconds)
     except (LayoutRetouchError, ImageInputError, FileNotFoundError) as err:
         yield Outcome(tiles, f"Error: {err}", ok=False, seconds=time.perf_counter() - start)
     except Exception as err:  # the page shows one line; the server's log keeps the traceback
