@@ -25,6 +25,7 @@ COMMANDS = {
     "personalize": ("personalize", "fine-tune a Stable Diffusion pipeline on photos of a subject"),
     "evaluate": ("evaluate", "generate and score methods over concepts, prompt sets and seeds (resumable)"),
     "toy-bench": ("toy_bench", "ablation I-V and trade-off sweep on the embedded toy world"),
+    "toy-probes": ("toy_probes", "probe whether a toy world's self-attention carries structure"),
     "serve": ("serve", "a web page for Layout-and-Retouch (Gradio; the toy world by default)"),
 }
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from layout_retouch.cli.demo import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS
 from layout_retouch.config import BASELINES, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png, slug
 from layout_retouch.toyworld.bench_prompts import BenchPrompt
 from layout_retouch.toyworld.bench_stats import image_record
+from layout_retouch.toyworld.world import CLASS_WORD, REFERENCE_NAME, TOKEN, TOY_METHOD, TOY_MODELS
 
 METHODS = ("I", "II", "III", "IV", "V")
 ROWS = METHODS + BASELINES  # the ablation's rows, then the paper's baselines (`toy-bench --baselines`)
@@ -34,7 +34,6 @@ PERSONALIZATION_FOLDERS = {
     "lora": "sks_star_lora",
     "textual_inversion": "sks_star_ti",
 }
-REFERENCE_NAME = "sks_star_00.png"  # the reference photo Stage 2 borrows appearance from (as the demo)
 DEFAULT_SEEDS = 16
 # DDIM steps of the default run: the paper's 50. The default run (3 personalizations x 4 prompts x 16
 # seeds x rows I-V) measured 16 min on the quiet 2-core CPU with the shipped (grown) toy UNet, 24 min

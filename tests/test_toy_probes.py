@@ -1,0 +1,118 @@
+"""The toy world's attention probes: their machinery, their statistics and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layout_retouch.attention_control import LAYOUT, TARGET, ControlPlan
+from layout_retouch.cli import main
+from layout_retouch.sampling import PathInput
+from layout_retouch.toyworld.probes import (
+    ProbeSettings,
+    World,
+    early_map_plan,
+    groups,
+    interval,
+    markdown_table,
+    passes,
+    run_probes,
+)
+
+torch.set_num_threads(1)
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(ProbeSettings().models)
+
+
+def test_interval_brackets_the_statistic():
+    values = np.arange(16, dtype=float)
+    result = interval(values)
+    assert result["value"] == pytest.approx(7.5) and result["n"] == 16
+    assert result["ci_low"] <= 7.5 <= result["ci_high"] and result["ci_low"] < result["ci_high"]
+    assert interval([3.0] * 16, np.mean) == {"value": 3.0, "ci_low": 3.0, "ci_high": 3.0, "n": 16}
+
+
+def test_groups_deal_every_seed_once():
+    dealt = groups(list(range(10)), 4)
+    assert [v for v, _ in dealt] == [0, 1, 2, 3]
+    assert sorted(s for _, batch in dealt for s in batch) == list(range(10))
+
+
+def test_lockstep_without_control_is_plain_sampling(world):
+    """A probe's baseline must be what the model draws alone: the source beside it changes nothing."""
+    timesteps = world.timesteps(STEPS)
+    a = world.conditioning("a photo of a red star on the beach", False)
+    b = world.conditioning("a photo of a red star in the snow", False)
+    za, zb = world.noise(0), world.noise(500)
+    _, together = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), ControlPlan(),
+                                 timesteps, 5.0)
+    alone, _ = world.lockstep(PathInput(LAYOUT, zb, False, b), PathInput(TARGET, za, False, a), ControlPlan(),
+                              timesteps, 5.0)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_injection_changes_the_target_and_is_void_for_its_own_source(world):
+    timesteps = world.timesteps(STEPS)
+    a = world.conditioning("a photo of a red star on the beach", False)
+    b = world.conditioning("a photo of a red star in the snow", False)
+    za, zb = world.noise(0), world.noise(500)
+    plain = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), ControlPlan(),
+                           timesteps, 5.0)[1]
+    injected = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b),
+                              early_map_plan(STEPS), timesteps, 5.0)[1]
+    assert not torch.allclose(plain, injected, atol=1e-3)
+    own = world.lockstep(PathInput(LAYOUT, zb, False, b), PathInput(TARGET, zb, False, b), early_map_plan(STEPS),
+                         timesteps, 5.0)[1]
+    assert torch.allclose(own, plain, atol=1e-5)  # its own Q, K: the same attention
+
+
+def test_p1_bar_is_relative_to_its_baseline():
+    flat = {"P1.median_center_distance_px": 6.0, "P1.baseline_median_center_distance_px": 21.0}
+    assert passes("P1.median_center_distance_px", flat)
+    assert not passes("P1.median_center_distance_px", {**flat, "P1.median_center_distance_px": 8.0})
+    assert passes("P4.min_block_contribution", {"P4.min_block_contribution": 0.03}) is False
+    assert passes("P5.final_iou", {"P5.final_iou": 0.5}) is None  # measured, no bar
+
+
+def test_probes_report_every_headline_number(world, tmp_path):
+    settings = ProbeSettings(seeds=2, steps=3)
+    run = run_probes(settings, log=lambda text: None)
+    table = markdown_table({"shipped": run})
+    for key in ("P1.median_center_distance_px", "P1.baseline_median_center_distance_px", "P1.scene_rate",
+                "P1b.median_center_distance_px", "P2.paper_layers_scene_agreement",
+                "P2.all_layers_scene_agreement", "P3.color_transfer_rate", "P4.min_block_contribution",
+                "P5.final_iou"):
+        assert f"| {key} |" in table
+    p4 = run.results["P4"]
+    assert p4["min_block_contribution"]["value"] == pytest.approx(min(p4["blocks"].values()), abs=1e-3)
+    assert len(run.results["P5"]["final"]["iou_per_step"]) >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--probes", "P9"], "unknown probe"),
+    (["--seeds", "0"], "--seeds must be 1 or more"),
+    (["--models", "{tmp}/nowhere"], "no vanilla/model_index.json"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["toy-probes", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_command_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "probes"
+    assert main(["toy-probes", "--out", str(out), "--probes", "P1,P4", "--seeds", "2", "--steps", "2",
+                 "--threads", "1", "--quiet"]) == 0
+    report = json.loads((out / "probes.json").read_text())
+    assert isinstance(report["P1.median_center_distance_px"], float) and "P1b" not in report
+    assert "| P4.min_block_contribution |" in (out / "probes.md").read_text()
+    assert main(["toy-probes", "--out", str(out), "--probes", "P4"]) == 2  # never overwritten silently
