@@ -275,6 +275,21 @@ def test_serve_reference_and_prompt_options(tmp_path):
     assert engine.models.defaults.segmenter == "none"  # a given method option wins over the toy world's
 
 
+def test_serve_on_named_models(tiny_dir, tmp_path):
+    """--base/--personalized/--token/--class-word/--reference as generate takes them (tiny SD-shaped models)."""
+    engine = load(serve_args(base=str(tiny_dir / "base"), personalized=str(tiny_dir / "dreambooth"), token="sks",
+                             class_word="dog", reference=[str(tiny_dir / "reference.png")], segmenter="none",
+                             out=str(tmp_path / "o"), inversion_cache_dir=str(tmp_path / "cache")))
+    models = engine.models
+    assert models.references == [tiny_dir / "reference.png"] and models.defaults.segmenter == "none"
+    assert models.example_prompt == "a photo of a sks dog on the beach" and "toy world" not in models.title
+    outcomes = list(run_request(engine, dict(prompts="a sks dog in the snow", seeds="5", steps=2, method="V",
+                                             reference=str(tiny_dir / "reference.png"))))
+    assert outcomes[-1].ok, outcomes[-1].message
+    p = parameters(outcomes[-1].tiles[-1].path)
+    assert p["reference"] == str(tiny_dir / "reference.png") and p["output_key"]["models"]["token"] == "sks"
+
+
 # --- the page (Gradio)
 def test_page_functions():
     pytest.importorskip("gradio", reason="the web extra is not installed")
