@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from layout_retouch.errors import PromptError
-from layout_retouch.toyworld.bench import calls_for, strip_cells, unit_path, write_unit
+from layout_retouch.toyworld.bench import calls_for
 from layout_retouch.toyworld.bench_prompts import BenchPrompt, default_prompts, load_prompt_file
 from layout_retouch.toyworld.bench_stats import center_spread, image_record, summarize
+from layout_retouch.toyworld.bench_units import strip_cells, unit_path, write_unit
 from layout_retouch.toyworld.measures import layout_diversity
 from layout_retouch.toyworld.oracles import ORACLE_DIR, Oracles
 from layout_retouch.toyworld.render import render
@@ -149,7 +150,7 @@ def test_row_two_comes_from_the_full_method_call():
 
 def test_strip_round_trip(tmp_path):
     images = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(3)]
-    from layout_retouch.toyworld.bench import strip_image
+    from layout_retouch.toyworld.bench_units import strip_image
 
     strip_image(images).save(tmp_path / "s.png")
     assert [c.getpixel((0, 0)) for c in strip_cells(tmp_path / "s.png", 3)] == [(0, 0, 0), (40, 0, 0), (80, 0, 0)]

@@ -122,7 +122,7 @@ def scatter(units_by_row: dict[str, dict[str, dict]], title: str, path: Path) ->
 
 def image_grid(units: dict[str, dict], strip_for, path: Path) -> Path:
     """Rows: prompts; columns: the first GRID_COLUMNS seeds; each row labelled with its prompt."""
-    from layout_retouch.toyworld.bench import strip_cells
+    from layout_retouch.toyworld.bench_units import strip_cells
 
     count = min(GRID_COLUMNS, len(next(iter(units.values()))["seeds"]))
     canvas = Image.new("RGB", (CELL * count, len(units) * (CELL + LABEL)), "white")
@@ -139,7 +139,7 @@ def image_grid(units: dict[str, dict], strip_for, path: Path) -> Path:
 
 def write_reports(settings, results: dict, all_units: dict[str, dict[str, dict[str, dict]]]) -> None:
     """table.md, scatter_<personalization>.png and grids/<personalization>_<row>.png under settings.out."""
-    from layout_retouch.toyworld.bench import unit_path
+    from layout_retouch.toyworld.bench_units import unit_path
 
     out = settings.out
     by_template = {p.template: p for p in settings.prompts}
@@ -166,7 +166,7 @@ def write_reports(settings, results: dict, all_units: dict[str, dict[str, dict[s
 
 def write_sweep_report(settings, sweep: dict) -> None:
     """sweep.md (one row per point) and sweep.png (identity vs prompt fidelity, one curve per parameter)."""
-    from layout_retouch.toyworld.bench import SWEEP_SYMBOLS, SWEEP_VALUES
+    from layout_retouch.toyworld.bench_units import SWEEP_SYMBOLS, SWEEP_VALUES
 
     points = sweep["points"]
     lines = [f"# Trade-off sweep (paper Fig. 8): full method V, {sweep['personalization']}", "",
