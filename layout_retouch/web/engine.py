@@ -23,7 +23,7 @@ from PIL import Image
 
 from layout_retouch.cli.generate import image_key
 from layout_retouch.config import LayoutRetouchConfig
-from layout_retouch.errors import ImageInputError, LayoutRetouchError
+from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import load_reference_image
 from layout_retouch.outputs import OUTPUT_KEY, mask_image, prompt_folder, save_png
 from layout_retouch.pipeline import LayoutRetouchOutput, LayoutRetouchPipeline
@@ -36,8 +36,6 @@ METHODS = {  # the paper's Table 4 rows, as the page lists them
     "V": "V: + adaptive mask (full method)",
 }
 logger = logging.getLogger(__name__)
-# "Compare rows" shows I, II and V on one seed; II is V's own Stage 1 (the layout, which is row II's output),
-# so it costs no run of its own.
 MASKS = ("m_ca", "m_sam", "union", "final")  # the masks the page shows, of the five the pipeline returns
 MAX_IMAGES = 8  # per prompt and seed, in one batch: more would hold the one-at-a-time queue for long
 
@@ -234,6 +232,8 @@ class WebEngine:
             folder = self.run_folder()
             reference = self.models.reference_name(request.reference) if request.reference else None
             tiles: list[Tile] = []
+            # "Compare rows" shows I, II and V on one seed; II is V's own Stage 1 (the layout, which is row II's
+            # output), so it costs no run of its own.
             methods = ("I", "V") if request.compare else (request.config.method,)
             jobs = [(p, s, m) for p in request.prompts for s in request.seeds for m in methods]
             for number, (prompt, seed, method) in enumerate(jobs, start=1):
@@ -364,7 +364,7 @@ def run_request(engine: WebEngine, fields: dict, report: Callable[[Progress], No
     except Stopped as stop:
         seconds = time.perf_counter() - start
         yield Outcome(tiles, f"Stopped {stop}; {Outcome(tiles).images} finished image(s) kept.", seconds=seconds)
-    except (LayoutRetouchError, ImageInputError, FileNotFoundError) as err:
+    except (LayoutRetouchError, FileNotFoundError) as err:  # ImageInputError and PromptError among them
         yield Outcome(tiles, f"Error: {err}", ok=False, seconds=time.perf_counter() - start)
     except Exception as err:  # the page shows one line; the server's log keeps the traceback
         logger.exception("generation failed")
