@@ -156,7 +156,9 @@ def load_base(base: str, torch_dtype, allow_pickle: bool, base_config: str | Non
         _check_weights_file(path, allow_pickle)
         try:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=base_config, **common)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, pickle.UnpicklingError, EOFError) as err:
+            if (cause := _pickle_cause(err)) is not None:
+                raise _pickle_error(path, cause) from None
             raise ModelLoadError(
                 f"cannot load the single-file checkpoint {base!r}: {err}. A single file needs the model's "
                 "config: pass --base-config with a local diffusers folder (or a hub id where the hub is reachable)"
@@ -206,12 +208,17 @@ def _from_pretrained_checked(cls, name: str, allow_pickle: bool, subfolder: str 
     try:
         return cls.from_pretrained(name, use_safetensors=False, **extra, **kwargs)
     except (pickle.UnpicklingError, EOFError, OSError) as err:
-        cause: BaseException | None = err  # diffusers wraps torch's error in an OSError
-        while cause is not None and not isinstance(cause, (pickle.UnpicklingError, EOFError)):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        if (cause := _pickle_cause(err)) is None:
             raise ModelLoadError(f"cannot load the pickled weights of {name!r}: {err}") from None
         raise _pickle_error(name, cause) from None
+
+
+def _pickle_cause(err: BaseException) -> BaseException | None:
+    """The unpickling error behind `err`, if any (diffusers wraps torch's in an OSError or ValueError)."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, (pickle.UnpicklingError, EOFError)):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def _pickle_error(name, err: BaseException) -> ModelLoadError:

@@ -227,8 +227,12 @@ def test_generate_refuses_unloadable_models_in_one_line(tiny_dir, tmp_path, caps
     base = ["generate", "--base", tiny_dir / "base", "--out", out, "--steps", 1, "--quiet", "--threads", 1,
             "--class-word", "dog"]
     pickled = ["--prompt", "a <p> dog", "--token", "<p>", "--method", "I", "--allow-pickle"]
+    evil_checkpoint = evil.with_name("model.ckpt")
+    evil_checkpoint.write_bytes(evil.read_bytes())
     cases = [
         (["--personalized", evil, *pickled], "this pickle holds objects other than tensors; refusing"),
+        (["--base", evil_checkpoint, "--allow-pickle", "--prompt", "a dog", "--method", "I"],  # the last --base
+         "model.ckpt: this pickle holds objects other than tensors; refusing"),
         (["--personalized", broken, *pickled, "--personalization", "textual_inversion"],
          "cannot be read as a torch pickle"),
         (["--personalized", tiny_dir / "dreambooth", "--token", "sks", "--prompt", "a sks dog", "--method", "V",
