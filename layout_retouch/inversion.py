@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from layout_retouch.architecture import SD
 from layout_retouch.errors import ImageInputError
 from layout_retouch.progress import Progress, track
+from layout_retouch.vae import vae_precision
 
 
 @dataclass
@@ -81,10 +83,11 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image(vae, image: Image.Image) -> torch.Tensor:
-    """The VAE posterior mean, scaled like the UNet's latents."""
-    pixels = image_to_tensor(image).to(vae.device, vae.dtype)
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+def encode_image(vae, image: Image.Image, architecture=None) -> torch.Tensor:
+    """The VAE posterior mean, scaled like the UNet's latents (in fp32 where `architecture` upcasts, vae.py)."""
+    with vae_precision(vae, architecture or SD) as dtype:
+        pixels = image_to_tensor(image).to(vae.device, dtype)
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
 class DDIMInversion:
@@ -94,12 +97,14 @@ class DDIMInversion:
     same timesteps the other way: the UNet takes a timestep per batch row).
     """
 
-    def __init__(self, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor):
+    def __init__(self, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor,
+                 added: dict[str, torch.Tensor] | None = None):
         self.alphas = scheduler.alphas_cumprod.to(latent.device)
         self.final = scheduler.final_alpha_cumprod.to(latent.device)
         self.timesteps = timesteps
         self.steps = [int(t) for t in timesteps.tolist()]  # on the host once: no device sync per step
         self.embedding = embedding
+        self.added = added  # SDXL: the UNet's added_cond_kwargs for the embedding (pooled text, time ids)
         self.states = [latent]
 
     @property
@@ -131,16 +136,17 @@ class DDIMInversion:
     def run(self, unet, progress: Progress = True) -> InversionTrajectory:
         """Take the steps not yet taken, each in a UNet call of its own."""
         remaining = len(self.timesteps) + 1 - len(self.states)
+        extra = {} if self.added is None else {"added_cond_kwargs": self.added}
         for _ in track(range(remaining), "invert reference", progress if remaining else False):
-            self.advance(unet(self.latent, self.timestep, encoder_hidden_states=self.embedding).sample)
+            self.advance(unet(self.latent, self.timestep, encoder_hidden_states=self.embedding, **extra).sample)
         return InversionTrajectory(self.states[::-1], self.timesteps)
 
 
 @torch.no_grad()
 def ddim_invert(unet, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor,
-                progress: Progress = True) -> InversionTrajectory:
+                progress: Progress = True, added: dict[str, torch.Tensor] | None = None) -> InversionTrajectory:
     """Run DDIM backwards (eta 0, no guidance) from the clean latent up through `timesteps`."""
-    return DDIMInversion(scheduler, latent, timesteps, embedding).run(unet, progress)
+    return DDIMInversion(scheduler, latent, timesteps, embedding, added).run(unet, progress)
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -160,7 +166,9 @@ class InversionCache:
         default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layout_retouch" / "inversions"
         self.folder = Path(folder) if folder else default
 
-    def key(self, model_id: str, image: Image.Image, timesteps: torch.Tensor, prompt: str, scheduler_config) -> str:
+    def key(self, model_id: str, image: Image.Image, timesteps: torch.Tensor, prompt: str, scheduler_config,
+            added: dict[str, torch.Tensor] | None = None) -> str:
+        """`added`: the UNet's added conditioning (SDXL's pooled text and time ids, which carry the image size)."""
         digest = hashlib.sha256()
         digest.update(model_id.encode())
         digest.update(np.asarray(image).tobytes())
@@ -168,6 +176,9 @@ class InversionCache:
         digest.update(json.dumps([int(t) for t in timesteps]).encode())
         digest.update(prompt.encode())
         digest.update(json.dumps(dict(scheduler_config), sort_keys=True, default=str).encode())
+        for name in sorted(added or {}):
+            digest.update(name.encode())
+            digest.update(added[name].detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:32]
 
     def load(self, key: str, device, dtype) -> InversionTrajectory | None:

@@ -17,9 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from layout_retouch.architecture import SDXL, Architecture, architecture_of
 from layout_retouch.errors import LayoutRetouchError, ModelLoadError
 
 KINDS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
@@ -33,12 +42,14 @@ CD_WEIGHT_SUFFIXES = ("to_k_custom_diffusion.weight", "to_v_custom_diffusion.wei
 class ModelPair:
     """The two models of the method. `select(personalized)` returns the (unet, text_encoder) to call."""
 
-    pipe: StableDiffusionPipeline  # the base components (vae, tokenizer, scheduler, vanilla unet/text encoder)
+    # the base components (vae, tokenizer(s), scheduler, vanilla unet / text encoder(s)): SD 1.x/2.x or SDXL
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     kind: str | None = None
     token: str | None = None
     class_word: str | None = None
     personal_unet: UNet2DConditionModel | None = None  # DreamBooth only
     personal_text_encoder: torch.nn.Module | None = None  # DreamBooth with a fine-tuned text encoder
+    personal_text_encoder_2: torch.nn.Module | None = None  # ... and SDXL's second one
     switch: Callable[[bool], None] | None = None  # toggles a shared UNet (LoRA, Custom Diffusion)
     sources: dict = field(default_factory=dict)  # what was loaded, saved next to outputs
     _state: bool | None = None
@@ -55,6 +66,24 @@ class ModelPair:
     @property
     def tokenizer(self):
         return self.pipe.tokenizer
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.pipe.unet)
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer, self.pipe.tokenizer_2] if self.architecture.text_encoders == 2 \
+            else [self.pipe.tokenizer]
+
+    def text_encoders(self, personalized: bool) -> list[torch.nn.Module]:
+        """The text encoder(s) of one model (SDXL: two), with a shared one switched accordingly."""
+        _, first = self.select(personalized)
+        if self.architecture.text_encoders == 1:
+            return [first]
+        second = self.personal_text_encoder_2 if personalized and self.personal_text_encoder_2 is not None \
+            else self.pipe.text_encoder_2
+        return [first, second]
 
     @property
     def scheduler(self) -> DDIMScheduler:
@@ -99,7 +128,7 @@ class ModelPair:
     def to(self, device=None, dtype=None) -> ModelPair:
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.pipe.to(**kwargs)
-        for module in (self.personal_unet, self.personal_text_encoder):
+        for module in (self.personal_unet, self.personal_text_encoder, self.personal_text_encoder_2):
             if module is not None:
                 module.to(**kwargs)
         return self
@@ -127,10 +156,17 @@ def load_model_pair(
     torch_dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     base_config: str | None = None,
+    vae: str | None = None,
 ) -> ModelPair:
-    """Load the base model and, if given, its personalization (kind auto-detected when None)."""
+    """Load the base model (SD 1.x/2.x or SDXL) and, if given, its personalization (kind auto-detected when None).
+
+    `vae` replaces the base's VAE (a folder or hub id), e.g. an fp16-fix VAE for SDXL in half precision.
+    """
     pipe = load_base(base, torch_dtype, allow_pickle, base_config)
     sources = {"base": str(base), **({"base_config": base_config} if base_config else {})}
+    if vae is not None:
+        pipe.vae = load_vae(vae, torch_dtype, allow_pickle)
+        sources["vae"] = str(vae)
     pair = ModelPair(pipe=pipe, token=token, class_word=class_word, sources=sources)
     if personalized is None:
         return pair
@@ -149,13 +185,54 @@ def load_model_pair(
     return pair
 
 
-def load_base(base: str, torch_dtype, allow_pickle: bool, base_config: str | None) -> StableDiffusionPipeline:
+# Extra arguments of each supported pipeline class: no safety checker, no watermark (the method's images are
+# compared with the plain pipeline's).
+PIPELINE_KWARGS = {StableDiffusionPipeline: dict(safety_checker=None, requires_safety_checker=False),
+                   StableDiffusionXLPipeline: dict(add_watermarker=False)}
+
+
+def pipeline_class(class_name: str | None) -> type:
+    """SDXL for diffusers' StableDiffusionXL* pipelines, SD 1.x/2.x otherwise."""
+    return StableDiffusionXLPipeline if (class_name or "").startswith("StableDiffusionXL") \
+        else StableDiffusionPipeline
+
+
+def _single_file_class(path: Path, base_config: str | None) -> type:
+    """An SDXL checkpoint holds its second text encoder under `conditioner.embedders.1`; SD 1.x/2.x's do not."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as opened:
+            return StableDiffusionXLPipeline if any(k.startswith("conditioner.embedders.1.") for k in opened.keys()) \
+                else StableDiffusionPipeline
+    return _config_class(base_config) if base_config else StableDiffusionPipeline
+
+
+def _config_class(name: str) -> type:
+    try:
+        return pipeline_class(DiffusionPipeline.load_config(name).get("_class_name"))
+    except (OSError, ValueError):
+        return StableDiffusionPipeline  # the loader itself says what is wrong with `name`
+
+
+def load_vae(name: str, torch_dtype, allow_pickle: bool) -> AutoencoderKL:
+    """A VAE from a folder (its own, or a pipeline's with vae/) or a hub id."""
+    path = Path(name)
+    if path.exists() and not (path / "config.json").is_file() and not (path / "vae" / "config.json").is_file():
+        raise ModelLoadError(f"{name!r} holds no VAE: no config.json in it or in its vae/ folder")
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+    try:
+        return _from_pretrained(AutoencoderKL, name, allow_pickle, subfolder, torch_dtype=torch_dtype)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the VAE {name!r}: {err}") from err
+
+
+def load_base(base: str, torch_dtype, allow_pickle: bool,
+              base_config: str | None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     path = Path(base)
-    common = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     if path.is_file():
         _check_weights_file(path, allow_pickle)
+        cls = _single_file_class(path, base_config)
         try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=base_config, **common)
+            pipe = cls.from_single_file(str(path), config=base_config, torch_dtype=torch_dtype, **PIPELINE_KWARGS[cls])
         except (OSError, ValueError, pickle.UnpicklingError, EOFError) as err:
             if (cause := _pickle_cause(err)) is not None:
                 raise _pickle_error(path, cause) from None
@@ -169,10 +246,12 @@ def load_base(base: str, torch_dtype, allow_pickle: bool, base_config: str | Non
                 f"{base!r} is not a diffusers pipeline folder (no model_index.json); give a folder made by "
                 "save_pretrained, a single .safetensors checkpoint, or a hub id"
             )
-        pipe = _from_pretrained(StableDiffusionPipeline, str(path), allow_pickle, **common)
+        cls = _config_class(str(path))
+        pipe = _from_pretrained(cls, str(path), allow_pickle, torch_dtype=torch_dtype, **PIPELINE_KWARGS[cls])
     elif _looks_like_hub_id(base):
         try:
-            pipe = _from_pretrained(StableDiffusionPipeline, base, allow_pickle, **common)
+            cls = _config_class(base)
+            pipe = _from_pretrained(cls, base, allow_pickle, torch_dtype=torch_dtype, **PIPELINE_KWARGS[cls])
         except OSError as err:
             raise ModelLoadError(
                 f"cannot load {base!r} from the model hub ({err.__class__.__name__}): the hub is unreachable or "
@@ -300,19 +379,23 @@ def load_dreambooth(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool
         config = pair.sources.get("base_config") or pair.sources["base"]  # a single-file base cannot be the config
         fine_tuned = load_base(str(path), torch_dtype, allow_pickle, base_config=config)
         unet, text_encoder = fine_tuned.unet, fine_tuned.text_encoder
+        text_encoder_2 = getattr(fine_tuned, "text_encoder_2", None)
     else:
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
         if not (unet_dir / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a DreamBooth folder: no unet/config.json")
         unet = _from_pretrained(UNet2DConditionModel, str(unet_dir), allow_pickle, torch_dtype=torch_dtype)
-        text_encoder = None
-        if (path / "text_encoder" / "config.json").is_file():
-            text_encoder = _from_pretrained(type(pair.pipe.text_encoder), str(path / "text_encoder"),
-                                            allow_pickle, torch_dtype=torch_dtype)
+        text_encoder, text_encoder_2 = (
+            _from_pretrained(type(base_encoder), str(path / name), allow_pickle, torch_dtype=torch_dtype)
+            if base_encoder is not None and (path / name / "config.json").is_file() else None
+            for name, base_encoder in (("text_encoder", pair.pipe.text_encoder),
+                                       ("text_encoder_2", getattr(pair.pipe, "text_encoder_2", None))))
     check_same_architecture(pair.pipe.unet, unet, "the DreamBooth UNet")
     pair.personal_unet = unet
     if text_encoder is not None and not _same_weights(text_encoder, pair.pipe.text_encoder):
         pair.personal_text_encoder = text_encoder
+    if text_encoder_2 is not None and not _same_weights(text_encoder_2, pair.pipe.text_encoder_2):
+        pair.personal_text_encoder_2 = text_encoder_2
 
 
 def load_textual_inversion(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
@@ -323,6 +406,12 @@ def load_textual_inversion(pair: ModelPair, path: Path, torch_dtype, allow_pickl
 
 def _add_embedding(pair: ModelPair, state: dict, file: Path) -> None:
     token = pair.token
+    if "clip_l" in state and "clip_g" in state:
+        _add_sdxl_embedding(pair, state, file)
+        return
+    if pair.architecture is SDXL:
+        raise ModelLoadError(f"{file} holds one text encoder's embedding, but an SDXL base has two: an SDXL Textual "
+                             "Inversion has clip_l and clip_g vectors")
     if token in state:
         embedding = state[token]
     elif "string_to_param" in state or "emb_params" in state:
@@ -340,9 +429,56 @@ def _add_embedding(pair: ModelPair, state: dict, file: Path) -> None:
         raise ModelLoadError(f"cannot add the embedding of {token!r} from {file}: {err}") from err
 
 
+def _add_sdxl_embedding(pair: ModelPair, state: dict, file: Path) -> None:
+    """SDXL's Textual Inversion: one vector set per text encoder (clip_l for the first, clip_g for the second)."""
+    if pair.architecture is not SDXL:
+        raise ModelLoadError(f"{file} is an SDXL embedding (clip_l and clip_g vectors) but the base has one text "
+                             "encoder: load it on an SDXL base")
+    pipe = pair.pipe
+    for name, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                     ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        vectors = state[name]
+        if vectors.shape[-1] != encoder.config.hidden_size:
+            raise ModelLoadError(f"the {name} vectors in {file} have width {vectors.shape[-1]} but that text encoder "
+                                 f"{encoder.config.hidden_size}: it was trained for another base model")
+        try:
+            pipe.load_textual_inversion(vectors, token=pair.token, text_encoder=encoder, tokenizer=tokenizer)
+        except ValueError as err:
+            raise ModelLoadError(f"cannot add the {name} embedding of {pair.token!r} from {file}: {err}") from err
+
+
+# Text widths of the bases a LoRA's cross-attention keys can be made for (what its name says to a user).
+TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def lora_text_width(state: dict[str, torch.Tensor]) -> int | None:
+    """The text width a LoRA's cross-attention key projections take (diffusers', PEFT's or kohya's names)."""
+    for key, value in state.items():
+        dotted = key.replace("_", ".")
+        if "attn2.to.k" in dotted and ("lora.A" in dotted or "lora.down" in dotted) and value.ndim == 2:
+            return int(value.shape[1])
+    return None
+
+
+def check_lora_fits(pair: ModelPair, state: dict[str, torch.Tensor], file: Path) -> None:
+    """An SDXL LoRA on an SD 1.x base (or the reverse) in one line, instead of PEFT's skipped keys or shape errors."""
+    base = int(pair.pipe.unet.config.cross_attention_dim)
+    width = lora_text_width(state)
+    second = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in state)
+    if width is not None and width != base:
+        made_for = TEXT_WIDTHS.get(width, f"a base of text width {width}")
+        raise ModelLoadError(f"the LoRA {file} was made for {made_for} (text width {width}) but the base is "
+                             f"{TEXT_WIDTHS.get(base, pair.architecture.label)} (text width {base}): load it on the "
+                             "base it was trained from")
+    if second and pair.architecture is not SDXL:
+        raise ModelLoadError(f"the LoRA {file} was made for SDXL (it adapts a second text encoder) but the base has "
+                             "one text encoder: load it on the base it was trained from")
+
+
 def load_lora(pair: ModelPair, path: Path, torch_dtype, allow_pickle: bool) -> None:
     file = _weights_file(path, ("pytorch_lora_weights",), allow_pickle)
     state = load_state_dict(file, allow_pickle)
+    check_lora_fits(pair, state, file)
     try:
         pair.pipe.load_lora_weights(state, adapter_name="personal")
     except (ValueError, KeyError, RuntimeError) as err:

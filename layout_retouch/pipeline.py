@@ -11,6 +11,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from layout_retouch.architecture import SDXL, default_config
 from layout_retouch.attention_control import (
     LAYOUT,
     REFERENCE,
@@ -19,6 +20,7 @@ from layout_retouch.attention_control import (
     ControlPlan,
     build_plan,
 )
+from layout_retouch.conditioning import PromptEncoder
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import (
@@ -35,7 +37,7 @@ from layout_retouch.masks import box_and_peak, resize_mask
 from layout_retouch.models import ModelPair, load_model_pair
 from layout_retouch.progress import Progress
 from layout_retouch.prompts import SubjectPrompts, derive_prompts, subject_token_indices
-from layout_retouch.sampling import Conditioning, attention_control, encode_text
+from layout_retouch.sampling import Conditioning, attention_control
 from layout_retouch.segmenters import load_segmenter
 from layout_retouch.source_features import (
     LayoutRecorder,
@@ -51,6 +53,7 @@ from layout_retouch.source_features import (
 )
 from layout_retouch.stage1_layout import LayoutTrajectory, step_blended_denoise
 from layout_retouch.stage2_retouch import MaskBuilder, RetouchConditioning, retouch
+from layout_retouch.vae import vae_precision
 
 
 @dataclass
@@ -79,7 +82,7 @@ class LayoutRetouchPipeline:
 
     def __init__(self, models: ModelPair, config: LayoutRetouchConfig | None = None, progress: Progress = True):
         self.models = models
-        self.config = config or LayoutRetouchConfig()
+        self.config = config or default_config(models.architecture)  # the layer rules of SD 1.x/2.x or SDXL
         self.progress = progress  # tqdm bars, none, or a callback per step (layout_retouch/progress.py)
         self._segmenters: dict = {}
         self._fingerprint: str | None = None
@@ -89,10 +92,14 @@ class LayoutRetouchPipeline:
                         token: str | None = None, class_word: str | None = None,
                         torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                         base_config: str | None = None, config: LayoutRetouchConfig | None = None,
-                        device: str | torch.device | None = None, **kwargs) -> LayoutRetouchPipeline:
-        """Load `base` (hub id, diffusers folder or single file) and its personalization."""
+                        device: str | torch.device | None = None, vae: str | None = None,
+                        **kwargs) -> LayoutRetouchPipeline:
+        """Load `base` (SD 1.x/2.x or SDXL: hub id, diffusers folder or single file) and its personalization.
+
+        `vae` replaces the base's VAE (folder or hub id): an fp16-fix VAE lets SDXL's VAE run in fp16.
+        """
         models = load_model_pair(base, personalized, personalization, token, class_word, torch_dtype,
-                                 allow_pickle, base_config)
+                                 allow_pickle, base_config, vae)
         pipe = cls(models, config, **kwargs)
         return pipe.to(device) if device is not None else pipe
 
@@ -118,8 +125,9 @@ class LayoutRetouchPipeline:
         from accelerate import cpu_offload_with_hook
 
         hook = None
-        modules = [self.models.pipe.text_encoder, self.models.personal_text_encoder, *self.models.unets(),
-                   self.models.pipe.vae]
+        models = self.models
+        modules = [models.pipe.text_encoder, models.personal_text_encoder, getattr(models.pipe, "text_encoder_2", None),
+                   models.personal_text_encoder_2, *models.unets(), models.pipe.vae]
         for module in dict.fromkeys(m for m in modules if m is not None):
             _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
         self._execution_device = torch.device(device)
@@ -153,8 +161,11 @@ class LayoutRetouchPipeline:
                 "reference_image (CLI: --reference), or choose --method I or II"
             )
 
+        if config.is_baseline and models.architecture is SDXL:
+            raise LayoutRetouchError(f"the {config.method} baseline runs on SD 1.x/2.x bases only, not on SDXL; "
+                                     "choose --method I-V")
         prompts = self.derive_prompts(prompt)
-        cond = self.encode_prompts(prompts, None if config.is_baseline else config)
+        cond = self.encode_prompts(prompts, None if config.is_baseline else config, (height, width))
         scheduler = models.scheduler
         scheduler.set_timesteps(config.num_inference_steps, device=self.execution_device)
         timesteps = scheduler.timesteps
@@ -306,7 +317,7 @@ class LayoutRetouchPipeline:
             return None, None
         start = 0 if with_maps else max(0, plan.ref_start - 1)
         key = "|".join([
-            weights_signature(unet), tensor_digest(*reference.latents, neutral.cond, neutral.uncond),
+            weights_signature(unet), tensor_digest(*reference.latents, *neutral.tensors()),
             str([int(t) for t in reference.timesteps]), str(neutral.tokens), str(latent_size), str(start),
             str(sorted(plan.ref_layers)), str(sorted(plan.map_layers)), str(plan.ref_start),
             str((plan.ref_subject_only, plan.ref_mask_threshold)), str(self.dtype), str(self.execution_device),
@@ -333,25 +344,21 @@ class LayoutRetouchPipeline:
             raise LayoutRetouchError("a class word is needed with a personal token (e.g. --class-word dog)")
         return derive_prompts(prompt, self.models.token, self.models.class_word)
 
-    def encode_prompts(self, prompts: SubjectPrompts, config: LayoutRetouchConfig | None = None
-                       ) -> RetouchConditioning:
-        """Each prompt through its model's text encoder; with a config, only the prompts that run reads.
+    def encode_prompts(self, prompts: SubjectPrompts, config: LayoutRetouchConfig | None = None,
+                       size: tuple[int, int] | None = None) -> RetouchConditioning:
+        """Each prompt through its model's text encoder(s); with a config, only the prompts that run reads.
 
-        The empty prompt (the unconditional half) is encoded once per text encoder and switch state.
+        The empty prompt (the unconditional half) is encoded once per text encoder and switch state. `size`
+        (height, width; default: the pipeline's) is the image's, which SDXL's time ids carry.
         """
         models = self.models
         token = models.expand_prompt(models.token) if models.token else None
         subject = [w for w in (token, models.class_word) if w]
-        unconditional = {}
+        encoder = PromptEncoder(models, size or self.default_size())
 
         def encode(text: str, personalized: bool) -> Conditioning:
-            _, text_encoder = models.select(personalized)
-            state = (id(text_encoder), personalized if models.switch is not None else None)
-            if state not in unconditional:
-                unconditional[state] = encode_text(models.tokenizer, text_encoder, "")
             text = models.expand_prompt(text)
-            return Conditioning(encode_text(models.tokenizer, text_encoder, text), unconditional[state],
-                                subject_token_indices(models.tokenizer, text, subject))
+            return encoder.guided(text, personalized, subject_token_indices(models.tokenizer, text, subject))
 
         return RetouchConditioning(
             vanilla=encode(prompts.vanilla, False) if config is None or config.num_vanilla_steps else None,
@@ -362,7 +369,8 @@ class LayoutRetouchPipeline:
         if output_type == "latent":
             return latents
         vae = self.models.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        with vae_precision(vae, self.models.architecture) as dtype:
+            images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return images
@@ -381,17 +389,19 @@ class LayoutRetouchPipeline:
                                   ) -> tuple[InversionTrajectory | None, PendingInversion | None]:
         """The cached inversion of the reference, or one to run (with the cache and key it goes to)."""
         models = self.models
-        unet, text_encoder = models.select(True)
+        unet, _ = models.select(True)
         cache = InversionCache(config.inversion_cache_dir)
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(unet) + model_fingerprint(models.vae)
-        key = cache.key(self._fingerprint, image, timesteps, config.inversion_prompt, models.scheduler.config)
+        prompt = PromptEncoder(models, (image.height, image.width)).unguided(config.inversion_prompt)
+        key = cache.key(self._fingerprint, image, timesteps, config.inversion_prompt, models.scheduler.config,
+                        prompt.added)
         cached = cache.load(key, self.execution_device, self.dtype)
         if cached is not None:
             return cached, None
-        latent = encode_image(models.vae, image).to(self.dtype)
-        embedding = encode_text(models.tokenizer, text_encoder, config.inversion_prompt)
-        return None, PendingInversion(DDIMInversion(models.scheduler, latent, timesteps, embedding), cache, key)
+        latent = encode_image(models.vae, image, models.architecture).to(self.dtype)
+        inversion = DDIMInversion(models.scheduler, latent, timesteps, prompt.cond, prompt.added)
+        return None, PendingInversion(inversion, cache, key)
 
     def finish_reference_inversion(self, pending: PendingInversion) -> InversionTrajectory:
         """Take the inversion's remaining steps (all of them if nothing carried it) and cache the result."""
@@ -402,12 +412,13 @@ class LayoutRetouchPipeline:
 
     def invert_layout(self, trajectory: LayoutTrajectory, timesteps: torch.Tensor) -> LayoutTrajectory:
         """The paper's possible alternative to replay: DDIM-invert the decoded layout image."""
-        unet, text_encoder = self.models.select(True)
-        embedding = encode_text(self.models.tokenizer, text_encoder, "")
+        unet, _ = self.models.select(True)
         images = self.decode(trajectory.latents[-1], "pil")
-        latent = torch.cat([encode_image(self.models.vae, im) for im in images]).to(self.dtype)
-        inverted = ddim_invert(unet, self.models.scheduler, latent, timesteps,
-                               embedding.expand(len(images), -1, -1), self.progress)
+        prompt = PromptEncoder(self.models, (images[0].height, images[0].width)).unguided("")
+        latent = torch.cat([encode_image(self.models.vae, im, self.models.architecture) for im in images])
+        added = None if prompt.added is None else {k: v.expand(len(images), -1) for k, v in prompt.added.items()}
+        inverted = ddim_invert(unet, self.models.scheduler, latent.to(self.dtype), timesteps,
+                               prompt.cond.expand(len(images), -1, -1), self.progress, added)
         return LayoutTrajectory(inverted.latents, timesteps, trajectory.vanilla_steps)
 
     def segment_layouts(self, images: list[Image.Image], subject_maps: torch.Tensor | None,
@@ -437,7 +448,7 @@ def load_pipeline_from_args(args) -> LayoutRetouchPipeline:
     pipe = LayoutRetouchPipeline.from_pretrained(
         args.base, personalized=args.personalized, personalization=args.personalization, token=args.token,
         class_word=args.class_word, torch_dtype=dtype, allow_pickle=args.allow_pickle,
-        base_config=args.base_config,
+        base_config=args.base_config, vae=getattr(args, "vae", None),
     )
     if getattr(args, "offload", False):
         pipe.enable_model_cpu_offload(args.device)

@@ -1,4 +1,4 @@
-"""Shared denoising pieces: text conditioning, and one guided UNet evaluation of several paths.
+"""Shared denoising pieces: the paths' conditioning (conditioning.py) and one guided UNet call for several paths.
 
 Both stages run "paths" (reference, layout, target) through the vanilla or the personalized model.
 Paths that use the same model at a step share one batched UNet call; paths that are sources of the
@@ -14,23 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from layout_retouch.attention_control import TARGET, AttentionController, PathRows, install_processors
+from layout_retouch.conditioning import Conditioning, encode_text, unet_added_kwargs
 from layout_retouch.models import ModelPair
 
-
-@dataclass
-class Conditioning:
-    """A prompt encoded by one model's text encoder, with that model's unconditional embedding."""
-
-    cond: torch.Tensor  # (1, L, D)
-    uncond: torch.Tensor  # (1, L, D)
-    tokens: list[int]  # positions of the subject's tokens in the prompt
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, text: str) -> torch.Tensor:
-    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0].to(text_encoder.dtype)
+__all__ = ["Conditioning", "PathInput", "attention_control", "encode_text", "guided_eps"]
 
 
 @dataclass
@@ -47,6 +34,11 @@ class PathInput:
         """Its text embeddings in batch order: unconditional half, then conditional (or conditional only)."""
         halves = (self.conditioning.uncond, self.conditioning.cond) if self.guided else (self.conditioning.cond,)
         return [c.expand(self.latents.shape[0], -1, -1) for c in halves]
+
+    def added_conditions(self) -> list[dict[str, torch.Tensor] | None]:
+        """Its added conditioning (SDXL's pooled text and time ids; None for SD), in the order of `embeddings`."""
+        c = self.conditioning
+        return [c.uncond_added, c.added] if self.guided else [c.added]
 
 
 @torch.no_grad()
@@ -68,6 +60,8 @@ def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float
             offset = rows[-1].stop
         latents = torch.cat([p.latents for p, halves in zip(group, per_path, strict=True) for _ in halves])
         embeds = torch.cat([e for halves in per_path for e in halves])
+        added = unet_added_kwargs([a for p in group for a in p.added_conditions()],
+                                  [p.latents.shape[0] for p in group for _ in p.added_conditions()])
         timesteps = t
         if any(p.timestep is not None for p in group):  # one timestep per row
             timesteps = torch.cat([torch.as_tensor(t if p.timestep is None else p.timestep, device=latents.device)
@@ -75,7 +69,7 @@ def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float
         if controller is not None:
             controller.subject_tokens.update({p.role: p.conditioning.tokens for p in group})
             controller.begin_call(rows)
-        noise = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+        noise = unet(latents, timesteps, encoder_hidden_states=embeds, **added).sample
         for p, path in zip(group, rows, strict=True):
             if p.wants_eps and not p.guided:
                 result[p.role] = noise[path.rows]

@@ -53,7 +53,7 @@ def step_blended_denoise(
     """
     scheduler = pair.scheduler
     trajectory = [latents]
-    unguided = Conditioning(inversion.embedding, None, []) if inversion is not None else None
+    unguided = Conditioning(inversion.embedding, None, [], inversion.added) if inversion is not None else None
     for k, t in enumerate(track(timesteps, "stage 1 layout", progress)):
         if controller is not None:
             controller.begin_step(k)

@@ -93,7 +93,8 @@ def image_key(args, config, reference_digest: str | None) -> dict:
     method.update(vanilla_steps=config.num_vanilla_steps, mask_start_step=config.mask_start)
     models = {"base": _source(args.base), "base_config": _source(args.base_config),
               "personalized": _source(args.personalized), "personalization": args.personalization,
-              "token": args.token, "class_word": args.class_word, "dtype": args.dtype}
+              "token": args.token, "class_word": args.class_word, "dtype": args.dtype,
+              **({"vae": _source(args.vae)} if getattr(args, "vae", None) else {})}  # keys without --vae unchanged
     return {"models": models, "config": method,
             "reference": reference_digest if config.uses_reference else None, "num_images": args.num_images}
 

@@ -95,8 +95,11 @@ def quiet_libraries(quiet: bool) -> None:
 def add_model_options(p: argparse.ArgumentParser, base_required: bool = True) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--base", required=base_required,
-                   help="base (vanilla) model: hub id, diffusers folder, or single .safetensors file")
+                   help="base (vanilla) model, SD 1.x/2.x or SDXL: hub id, diffusers folder, or single "
+                   ".safetensors file")
     g.add_argument("--base-config", help="config folder or hub id for a single-file base checkpoint")
+    g.add_argument("--vae", help="a VAE to use instead of the base's (folder or hub id), e.g. an fp16-fix VAE "
+                   "for SDXL in fp16 (otherwise SDXL's VAE runs in fp32)")
     g.add_argument("--personalized", help="DreamBooth folder/file, Textual Inversion or LoRA file/folder, "
                    "Custom Diffusion folder")
     g.add_argument("--personalization", choices=KINDS, help="kind of --personalized (default: detected)")

@@ -1,0 +1,36 @@
+"""Tiny SDXL personalizations written to disk as SDXL users have them: a diffusers LoRA, a two-encoder TI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+from layout_retouch.tiny_sdxl import TEXT_WIDTH, save_tiny_sdxl_pipeline, tiny_sdxl_components
+
+
+def make_sdxl_base(folder: Path) -> Path:
+    return save_tiny_sdxl_pipeline(folder, seed=0)
+
+
+def make_sdxl_lora(folder: Path) -> Path:
+    """What diffusers' train_dreambooth_lora_sdxl.py saves: pytorch_lora_weights.safetensors, UNet attention."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_sdxl_components(seed=0)["unet"]
+    torch.manual_seed(5)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                safe_serialization=True)
+    return folder
+
+
+def make_sdxl_textual_inversion(path: Path, token: str = "<cat-toy>", vectors: int = 2) -> Path:
+    """SDXL Textual Inversion: clip_l vectors for the first text encoder, clip_g for the second."""
+    torch.manual_seed(6)
+    save_file({"clip_l": torch.randn(vectors, TEXT_WIDTH), "clip_g": torch.randn(vectors, TEXT_WIDTH)}, str(path))
+    return path
