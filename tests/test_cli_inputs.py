@@ -456,3 +456,17 @@ def test_demo_refuses_bad_input(tmp_path, bad_files, capsys, extra, expected):
     out = tmp_path / "demo"
     code = cli("demo", "--out", out, "--threads", 1, "--quiet", *_fill(extra, bad_files, tmp_path / "missing"))
     assert_refused(code, capsys.readouterr().err, out, expected)
+
+
+def test_ctrl_c_in_evaluate_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    from metric_tiny_models import make_concept
+
+    (tmp_path / "interrupting.py").write_text("def generate(request):\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    make_concept(tmp_path / "concepts" / "dog1", n_images=1)
+    code = cli("evaluate", "--concepts", tmp_path / "concepts", "--out", tmp_path / "out", "--methods", "I",
+               "--seeds", 1, "--metrics", "none", "--no-progress", "--generator", "interrupting:generate",
+               "--threads", 1)
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "layout-retouch evaluate: interrupted; rerun the same command to resume"]
