@@ -164,6 +164,9 @@ GENERATE_CASES = [
     (["--prompt-file", "{missing}"], "does not exist"),
     (["--prompt-file", "{binary_prompts}"], "is not UTF-8 text"),
     (["--method", "V"], "needs --reference"),
+    (["--base", "{missing}"], "does not exist (not a file, folder or hub id)"),
+    (["--personalized", "{missing}"], "personalized model"),
+    (["--class-word", ""], "a personal token needs the subject's class word"),
     (["--method", "V", "--reference", "{missing}"], "does not exist"),
     (["--method", "V", "--reference", "{not_image}"], "cannot be read as an image"),
 ]

@@ -17,6 +17,7 @@ from layout_retouch.cli.options import (
     add_model_options,
     add_threads_option,
     check_device,
+    check_model_options,
     check_output_folder,
     config_from_args,
     parse_seed_list,
@@ -124,6 +125,7 @@ def check_inputs(args):
     if args.num_images < 1:
         raise LayoutRetouchError(f"--num-images must be 1 or more, got {args.num_images}")
     config = config_from_args(args)
+    check_model_options(args)
     if args.token:
         for prompt in prompts:
             derive_prompts(prompt, args.token, args.class_word or "")

@@ -282,6 +282,27 @@ def check_segmenter_available(config: LayoutRetouchConfig) -> None:
             )
 
 
+def _local_or_hub(name: str) -> bool:
+    """An existing path, or a name shaped like a hub id (`owner/model`)."""
+    parts = name.split("/")
+    return Path(name).exists() or (len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")))
+
+
+def check_model_options(args) -> None:
+    """The model options that loading would refuse only after the base model (minutes for SD) is in memory."""
+    paths = (("--base", args.base), ("--base-config", args.base_config), ("--vae", getattr(args, "vae", None)))
+    for flag, value in paths:
+        if value and not _local_or_hub(value):
+            raise LayoutRetouchError(f"{flag} {value!r} does not exist (not a file, folder or hub id)")
+    if args.personalized:
+        if not Path(args.personalized).exists():
+            raise LayoutRetouchError(f"personalized model {args.personalized!r} does not exist")
+        if not args.token:
+            raise LayoutRetouchError("a personalized model needs its token (e.g. --token sks)")
+    if args.token and not args.class_word:
+        raise LayoutRetouchError("a personal token needs the subject's class word (e.g. --class-word dog)")
+
+
 def check_output_folder(out: str | Path, flag: str = "--out") -> Path:
     """`out` is, or can become, a folder this process can write to; checked before any work, created later."""
     out = Path(out)
