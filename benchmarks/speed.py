@@ -1,10 +1,12 @@
-"""Side-by-side cost of plain personalized sampling and the full method, on SD 1.5's real architecture.
+"""Side-by-side cost of plain personalized sampling and the full method, on SD 1.5's or SDXL's real architecture.
 
 Both go through `LayoutRetouchPipeline.__call__`, the code path users run: plain sampling is method I
 (Stage 1 with T_l = 0), the full method is config V with `segmenter="none"` (no Segment Anything
 weights can be loaded offline; M_sam is then empty and M is built from cross-attention alone). The
 models are SD 1.5's UNet, VAE and CLIP text encoder built from `sd15_configs.py` with random weights,
 plus a DreamBooth-style second UNet (or `--personalization lora`: one UNet with a LoRA adapter).
+`--arch sdxl` builds SDXL 1.0 base's architecture instead (`sdxl_configs.py`: two text encoders, pooled
+text and time ids), with a LoRA by default (the common SDXL recipe; a second SDXL UNet holds 10 GB in fp32).
 
 One concept, several prompts x seeds: the full method inverts the reference once per run (a fresh
 inversion cache folder and a cleared in-memory feature cache each run, so nothing is carried from run
@@ -25,6 +27,8 @@ The last line printed is `ratio <seconds per image of the full method / of plain
     python benchmarks/speed.py --quick --baselines   # plus FreeU, MagicFusion and DreamMatcher
     python benchmarks/speed.py                   # CPU, fp32, 256 px, 10 steps, 4 prompts x 1 seed
     python benchmarks/speed.py --device cuda --dtype fp16 --resolution 512 --steps 50
+    python benchmarks/speed.py --arch sdxl --dtype bf16 --resolution 128 --steps 2 --prompts 1 --repeats 1 --no-memory
+    python benchmarks/speed.py --arch sdxl --device cuda --dtype fp16 --resolution 1024 --steps 50
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from benchmarks.sd15_configs import dreambooth_unet, sd15_pipeline  # noqa: E402
+from benchmarks import sd15_configs, sdxl_configs  # noqa: E402
 from layout_retouch.config import BASELINES, STRAIGHTFORWARD, LayoutRetouchConfig  # noqa: E402
 from layout_retouch.models import ModelPair, load_lora  # noqa: E402
 from layout_retouch.pipeline import LayoutRetouchPipeline  # noqa: E402
@@ -56,13 +60,17 @@ PROMPTS = ("a sks dog in the snow", "a sks dog on the beach", "a sks dog at nigh
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_RANK = 4  # a typical DreamBooth-LoRA rank
 SEED = 42  # the paper's seed; the s-th seed of a prompt is SEED + s
+ARCHITECTURES = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0 base"}
 
 
-def build_pipeline(personalization: str, device: str, dtype: torch.dtype) -> LayoutRetouchPipeline:
-    pipe = sd15_pipeline(seed=0)
+def build_pipeline(personalization: str, device: str, dtype: torch.dtype, arch: str = "sd15") -> LayoutRetouchPipeline:
+    if arch == "sdxl":
+        configs_module, pipe = sdxl_configs, sdxl_configs.sdxl_pipeline(seed=0, dtype=dtype)
+    else:
+        configs_module, pipe = sd15_configs, sd15_configs.sd15_pipeline(seed=0)
     pair = ModelPair(pipe=pipe, token="sks", class_word="dog", kind=personalization)
     if personalization == "dreambooth":
-        pair.personal_unet = dreambooth_unet(pipe.unet, seed=1)
+        pair.personal_unet = configs_module.dreambooth_unet(pipe.unet, seed=1)
     else:
         with tempfile.TemporaryDirectory() as folder:
             save_random_lora(pipe, Path(folder))
@@ -72,7 +80,6 @@ def build_pipeline(personalization: str, device: str, dtype: torch.dtype) -> Lay
 
 
 def save_random_lora(pipe, folder: Path) -> None:
-    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -81,7 +88,7 @@ def save_random_lora(pipe, folder: Path) -> None:
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="scratch")
     layers = get_peft_model_state_dict(unet, adapter_name="scratch")
     unet.delete_adapters("scratch")
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    type(pipe).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
 
 
 def reference_photo(size: int) -> Image.Image:
@@ -157,7 +164,7 @@ def run_once(pipe, config: LayoutRetouchConfig, prompts, seeds: int, reference, 
 
 
 def time_side_by_side(args) -> dict:
-    pipe = build_pipeline(args.personalization, args.device, DTYPES[args.dtype])
+    pipe = build_pipeline(args.personalization, args.device, DTYPES[args.dtype], args.arch)
     apply_model_options(pipe, args)
     counter = UNetCounter(pipe.models.unets())
     reference = reference_photo(args.resolution)
@@ -214,7 +221,7 @@ def measure_memory_in_subprocess(args, name: str) -> dict:
 
 
 def memory_worker(args) -> None:
-    pipe = build_pipeline(args.personalization, args.device, DTYPES[args.dtype])
+    pipe = build_pipeline(args.personalization, args.device, DTYPES[args.dtype], args.arch)
     apply_model_options(pipe, args)
     config = configs(args)[args.memory_worker]
     reference = reference_photo(args.resolution)
@@ -244,8 +251,9 @@ def reset_high_water() -> bool:
 
 def summarize(args, timing: dict, memory: dict) -> None:
     seconds = timing["seconds"]
-    print(f"\nSD 1.5 architecture (random weights), {args.personalization}, {args.device} {args.dtype}, "
-          f"{args.resolution} px, {args.steps} DDIM steps, {args.prompts} prompts x {args.seeds} seeds, "
+    print(f"\n{ARCHITECTURES[args.arch]} architecture (random weights), {args.personalization}, "
+          f"{args.device} {args.dtype}, {args.resolution} px, {args.steps} DDIM steps, "
+          f"{args.prompts} prompts x {args.seeds} seeds, "
           f"{args.repeats} repeats (torch threads: {torch.get_num_threads()})")
     header = f"{'variant':16s} {'s/image (median)':>17s} {'min':>8s} {'max':>8s} {'UNet calls/img':>15s} " \
              f"{'UNet rows/img':>14s} {'peak memory':>24s}"
@@ -304,7 +312,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt, batched in one call")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating plain/full runs; medians reported (0 with --count-ops: counts only)")
-    parser.add_argument("--personalization", choices=("dreambooth", "lora"), default="dreambooth")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="sd15",
+                        help="the base architecture: SD 1.5 (default) or SDXL 1.0 base")
+    parser.add_argument("--personalization", choices=("dreambooth", "lora"),
+                        help="default: dreambooth on sd15, lora on sdxl")
     parser.add_argument("--straightforward", action="store_true",
                         help="also time the full method with every optimization switched off")
     parser.add_argument("--baselines", nargs="*", choices=BASELINES,
@@ -321,6 +332,10 @@ def parse_args(argv=None):
     parser.add_argument("--memory-worker", choices=("plain", "full", "straightforward", *BASELINES),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.personalization is None:
+        args.personalization = "lora" if args.arch == "sdxl" else "dreambooth"
+    if args.arch == "sdxl" and args.baselines:
+        parser.error("the baselines run on SD 1.x/2.x only")
     if args.baselines == []:  # --baselines with no names: all of them
         args.baselines = list(BASELINES)
     if args.repeats < 1 and not args.count_ops:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -449,13 +450,15 @@ def _add_sdxl_embedding(pair: ModelPair, state: dict, file: Path) -> None:
 
 # Text widths of the bases a LoRA's cross-attention keys can be made for (what its name says to a user).
 TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+# A cross-attention key projection's down (A) weight, with "_" read as ".": attn2.to.k.lora.A (PEFT),
+# attn2.processor.to.k.lora.down (diffusers' older names), attn2.to.k.lora.down (kohya).
+_LORA_TEXT_KEY = re.compile(r"attn2\.(processor\.)?to\.k\.lora\.(A|down)\.")
 
 
 def lora_text_width(state: dict[str, torch.Tensor]) -> int | None:
     """The text width a LoRA's cross-attention key projections take (diffusers', PEFT's or kohya's names)."""
     for key, value in state.items():
-        dotted = key.replace("_", ".")
-        if "attn2.to.k" in dotted and ("lora.A" in dotted or "lora.down" in dotted) and value.ndim == 2:
+        if _LORA_TEXT_KEY.search(key.replace("_", ".")) and value.ndim == 2:
             return int(value.shape[1])
     return None
 

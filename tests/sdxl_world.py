@@ -34,3 +34,11 @@ def make_sdxl_textual_inversion(path: Path, token: str = "<cat-toy>", vectors: i
     torch.manual_seed(6)
     save_file({"clip_l": torch.randn(vectors, TEXT_WIDTH), "clip_g": torch.randn(vectors, TEXT_WIDTH)}, str(path))
     return path
+
+
+def make_sdxl_dreambooth(folder: Path) -> Path:
+    """A full SDXL DreamBooth: another UNet and a fine-tuned second text encoder; the first left as it was."""
+    base, tuned = tiny_sdxl_components(seed=0), tiny_sdxl_components(seed=1)
+    base.update(unet=tuned["unet"], text_encoder_2=tuned["text_encoder_2"])
+    StableDiffusionXLPipeline(**base, add_watermarker=False).save_pretrained(folder, safe_serialization=True)
+    return folder

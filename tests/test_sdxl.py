@@ -3,7 +3,7 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from sdxl_world import make_sdxl_base, make_sdxl_lora, make_sdxl_textual_inversion
+from sdxl_world import make_sdxl_base, make_sdxl_dreambooth, make_sdxl_lora, make_sdxl_textual_inversion
 from tiny_world import make_photo
 
 from layout_retouch.architecture import LAYER_DEFAULTS, SD, SDXL, architecture_of, default_config
@@ -12,7 +12,7 @@ from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError, ModelLoadError
 from layout_retouch.inversion import InversionCache
 from layout_retouch.layers import attention_layers, select_decoder_layers, select_map_layers
-from layout_retouch.models import load_model_pair
+from layout_retouch.models import load_model_pair, lora_text_width
 from layout_retouch.pipeline import LayoutRetouchPipeline
 
 STEPS = 4
@@ -25,6 +25,7 @@ def sdxl_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
     make_sdxl_base(root / "base")
     make_sdxl_lora(root / "lora")
+    make_sdxl_dreambooth(root / "dreambooth")
     make_sdxl_textual_inversion(root / "sdxl_embeds.safetensors")
     make_photo(root / "reference.png")
     return root
@@ -76,6 +77,23 @@ def test_all_vanilla_steps_equal_vanilla_sdxl_on_the_vanilla_prompt(lora_pipe):
     assert out.prompts.vanilla == "a dog in the snow"
     assert torch.equal(out.images, diffusers_sdxl(lora_pipe, "a dog in the snow", personalized=False))
     assert not torch.equal(out.images, run(lora_pipe, "I").images)  # the LoRA does change the images
+
+
+def test_sdxl_dreambooth_folder_is_its_unet_and_second_text_encoder(sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = load(sdxl_dir, "dreambooth")
+    models = pipe.models
+    assert models.kind == "dreambooth" and models.personal_unet is not None
+    assert models.personal_text_encoder is None and models.personal_text_encoder_2 is not None  # only the 2nd changed
+    plain = StableDiffusionXLPipeline(vae=models.vae, text_encoder=models.pipe.text_encoder,
+                                      text_encoder_2=models.personal_text_encoder_2, tokenizer=models.tokenizer,
+                                      tokenizer_2=models.pipe.tokenizer_2, unet=models.personal_unet,
+                                      scheduler=models.scheduler, add_watermarker=False)
+    plain.set_progress_bar_config(disable=True)
+    expected = plain(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, num_images_per_prompt=2,
+                     generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert torch.equal(run(pipe, "I").images, expected)
 
 
 # --- rows III-V end to end
@@ -209,6 +227,17 @@ def test_lora_for_the_other_architecture_is_one_clear_error(sdxl_dir, tiny_dir):
         load_model_pair(str(tiny_dir / "base"), str(sdxl_dir / "lora"), token="sks")
     with pytest.raises(ModelLoadError, match=r"^the LoRA .* was made for .* but the base is .*trained from$"):
         load_model_pair(str(sdxl_dir / "base"), str(tiny_dir / "lora"), token="sks")
+
+
+def test_lora_text_width_in_each_naming():
+    """diffusers/PEFT, diffusers' older attention-processor names and kohya's: the key projection's input width."""
+    down = torch.zeros(4, 2048)
+    for key in ("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight",
+                "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight",
+                "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
+                "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k.lora_down.weight"):
+        assert lora_text_width({key.replace("to_k", "to_q"): torch.zeros(4, 640), key: down}) == 2048
+    assert lora_text_width({"unet.x.attn1.to_k.lora_A.weight": torch.zeros(4, 640)}) is None
 
 
 def test_embedding_for_the_other_architecture_is_one_clear_error(sdxl_dir, tiny_dir):
