@@ -123,6 +123,13 @@ def bad_files(tmp_path):
              "unknown_key": tmp_path / "unknown_key.json", "steps_float": tmp_path / "steps_float.json",
              "binary_prompts": tmp_path / "prompts.bin", "sam_uncached": tmp_path / "sam_uncached.json",
              "sam_folder": tmp_path / "sam_folder.json"}
+    for name, meta in (("concept_missing_weights", '{"token": "sks", "class_word": "dog", "weights": "gone"}'),
+                       ("concept_list", '["sks", "dog"]'), ("concept_number_token", '{"token": 7, "class_word": "d"}')):
+        folder = tmp_path / name / "lost"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / "00.png")
+        (folder / "concept.json").write_text(meta)
+        files[name] = folder
     files["sam_uncached"].write_text('{"sam_model": "nobody/no-such-sam"}')
     files["sam_folder"].write_text(json.dumps({"sam_model": str(tmp_path / "no_sam")}))
     files["file"].write_text("x")
@@ -265,6 +272,10 @@ EVALUATE_CASES = [
     (["--base", "{file}", "--methods", "I,V", "--config", "{sam_uncached}"],
      "not in the local cache and the hub is off (HF_HUB_OFFLINE): pass --segmenter none"),
     (["--base", "{file}", "--methods", "V", "--config", "{sam_folder}"], "is not a model folder: pass --segmenter"),
+    (["--base", "{missing}"], "--base '"),
+    (["--base", "{file}", "--concepts", "{concept_missing_weights}"], "concept lost: its weights"),
+    (["--concepts", "{concept_list}"], "holds a JSON list; it needs an object"),
+    (["--concepts", "{concept_number_token}"], "'token' must be a string, got 7"),
 ]
 
 
@@ -277,7 +288,7 @@ def test_evaluate_refuses_bad_input(tmp_path, bad_files, capsys, extra, expected
     out = tmp_path / "out"
     args = ["evaluate", "--concepts", root, "--out", out, "--seeds", 1, "--metrics", "none", "--no-progress",
             "--generator", "metric_tiny_models:stand_in_generator", "--threads", 1]
-    replaced = {"--seeds", "--out"} & set(extra) | ({"--generator"} if "--base" in extra else set())
+    replaced = {"--seeds", "--out", "--concepts"} & set(extra) | ({"--generator"} if "--base" in extra else set())
     for flag in replaced:  # the case gives its own
         i = args.index(flag)
         del args[i : i + 2]

@@ -14,6 +14,7 @@ from layout_retouch.cli.options import (
     SEED_MAX,
     add_threads_option,
     check_device,
+    check_model_paths,
     check_output_folder,
     check_segmenter_available,
     parse_seed_list,
@@ -169,7 +170,11 @@ def run(args) -> int:
     concepts = load_concepts(args.concepts)
     jobs = build_jobs(_csv(args.methods), concepts, _csv(args.prompts), parse_seeds(args.seeds), args.limit)
     settings = _metric_settings(args)
-    if not args.generator and args.base:
+    if not args.generator and args.base:  # the pipeline generates: what it loads must exist
+        check_model_paths({"--base": args.base})
+        for concept in concepts:
+            if concept.weights is not None and not Path(concept.weights).exists():
+                raise LayoutRetouchError(f"concept {concept.name}: its weights {concept.weights} do not exist")
         for method in dict.fromkeys(job.method for job in jobs):
             check_segmenter_available(base_config.replace(method=method))
     set_threads(args.threads)

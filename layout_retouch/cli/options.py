@@ -288,12 +288,16 @@ def _local_or_hub(name: str) -> bool:
     return Path(name).exists() or (len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")))
 
 
-def check_model_options(args) -> None:
-    """The model options that loading would refuse only after the base model (minutes for SD) is in memory."""
-    paths = (("--base", args.base), ("--base-config", args.base_config), ("--vae", getattr(args, "vae", None)))
-    for flag, value in paths:
+def check_model_paths(paths: dict[str, str | None]) -> None:
+    """Each given model (flag -> value) is an existing path or a hub id."""
+    for flag, value in paths.items():
         if value and not _local_or_hub(value):
             raise LayoutRetouchError(f"{flag} {value!r} does not exist (not a file, folder or hub id)")
+
+
+def check_model_options(args) -> None:
+    """The model options that loading would refuse only after the base model (minutes for SD) is in memory."""
+    check_model_paths({"--base": args.base, "--base-config": args.base_config, "--vae": getattr(args, "vae", None)})
     if args.personalized:
         if not Path(args.personalized).exists():
             raise LayoutRetouchError(f"personalized model {args.personalized!r} does not exist")

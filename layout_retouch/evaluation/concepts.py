@@ -67,11 +67,18 @@ def load_concept(folder: str | Path) -> Concept:
         )
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LayoutRetouchError(f"{meta_path} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise LayoutRetouchError(f'{meta_path} holds a JSON {type(meta).__name__}; it needs an object, e.g. '
+                                 '{"token": "sks", "class_word": "dog"}')
     missing = [k for k in REQUIRED_KEYS if not meta.get(k)]
     if missing:
         raise LayoutRetouchError(f"{meta_path} lacks {', '.join(missing)}")
+    wrong = [k for k in ("token", "class_word", "reference_image", "weights", "weights_kind")
+             if meta.get(k) is not None and not isinstance(meta[k], str)]
+    if wrong:
+        raise LayoutRetouchError(f"{meta_path}: {wrong[0]!r} must be a string, got {json.dumps(meta[wrong[0]])}")
     images = concept_images(folder)
     if not images:
         raise ImageInputError(
