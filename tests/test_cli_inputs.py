@@ -484,3 +484,20 @@ def test_ctrl_c_in_evaluate_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert code == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "layout-retouch evaluate: interrupted; rerun the same command to resume"]
+
+
+def test_a_full_disk_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """An error of the system, not the input, while writing: one line, exit 1, no half-written result."""
+    import errno
+
+    import layout_retouch.outputs
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(layout_retouch.outputs.Image.Image, "save", disk_full)
+    out = tmp_path / "out"
+    assert cli(*generate_args(tiny_dir, out, "--prompt", "a sks dog")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert not list(out.rglob("*.png")) and not list(out.rglob("*.tmp"))

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         except (LayoutRetouchError, FileNotFoundError) as err:
             print(f"layout-retouch {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except OSError as err:  # the system's part (a full disk, a lost mount): one line too, results kept whole
+            print(f"layout-retouch {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             hint = getattr(args, "resume_hint", "")
             hint = hint() if callable(hint) else hint
