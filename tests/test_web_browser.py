@@ -208,6 +208,8 @@ def test_stop_ends_a_long_generation(page):
     page.click("#generate")
     page.wait_for_function("() => /step \\d+\\/100 - /.test(document.body.innerText)", timeout=60_000)  # the bar
     page.click("#stop")
+    page.wait_for_function("() => document.body.innerText.includes('Stopping after the current step')",
+                           timeout=30_000)  # the page says at once that it took the press (a toast)
     page.wait_for_function("() => window.statuses.some(t => t.startsWith('Stopped'))", timeout=60_000)
     message = status(page)
     assert message.startswith("Stopped during run") and time.perf_counter() - start < 60

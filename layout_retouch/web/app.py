@@ -126,7 +126,8 @@ def build_app(engine: WebEngine) -> gr.Blocks:
                             show_progress="hidden")
         pressed.then(generate, inputs=inputs, outputs=[gallery, files, status], preprocess=False,
                      concurrency_limit=1, concurrency_id="generate", api_name="generate", show_progress_on=[gallery])
-        halt.click(stop, queue=False, api_name="stop", show_progress="hidden")
+        # Stop has a queue of its own (unlimited), so it is answered while a generation holds the other.
+        halt.click(stop, api_name="stop", show_progress="hidden", concurrency_limit=None, concurrency_id="stop")
     app.queue(default_concurrency_limit=1)
     return app
 
