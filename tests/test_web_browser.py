@@ -187,6 +187,7 @@ def test_errors_show_as_one_message(page, tmp_path):
     page.locator("#prompts textarea").fill("a photo of a star in the snow")
     message = press(page, "#generate", "Error")
     assert "does not contain the personal token 'sks'" in message and "\n" not in message
+    assert "error" in page.locator("#status").get_attribute("class").split()  # shown in the error's colour
     assert "Traceback" not in page.locator("body").inner_text()
 
     broken = tmp_path / "broken.png"

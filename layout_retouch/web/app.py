@@ -1,7 +1,8 @@
 """The Gradio page over `WebEngine`: fields in, a gallery, PNG downloads and one status line out.
 
 Gradio is imported here only (the `web` extra). The page runs one generation at a time (Gradio's queue
-with a concurrency of one); Stop skips the queue and ends the current run between two steps.
+with a concurrency of one); Stop has its own queue, so it is answered at once, and ends the current run
+between two steps.
 """
 
 from __future__ import annotations
