@@ -501,3 +501,31 @@ def test_a_full_disk_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0]
     assert not list(out.rglob("*.png")) and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("given, expected", [([], None), (["--threads", "1"], 1), (["--threads", "0"], 0)])
+def test_generate_and_evaluate_take_threads(tiny_dir, tmp_path, monkeypatch, given, expected):
+    """Both apply --threads (None: the idle cores, as demo and toy-bench) before any model loads."""
+    from metric_tiny_models import make_concept
+
+    import layout_retouch.cli.evaluate as evaluate
+    import layout_retouch.cli.generate as generate
+    import layout_retouch.pipeline
+    from layout_retouch.errors import LayoutRetouchError
+
+    applied = []
+
+    def record(threads):
+        applied.append(threads)
+        raise LayoutRetouchError("stop here")
+
+    monkeypatch.setattr(generate, "set_threads", record)
+    monkeypatch.setattr(evaluate, "set_threads", record)
+    monkeypatch.setattr(layout_retouch.pipeline, "load_pipeline_from_args", lambda args: pytest.fail("loaded"))
+    args = generate_args(tiny_dir, tmp_path / "g", "--prompt", "a sks dog")
+    del args[args.index("--threads") : args.index("--threads") + 2]
+    assert cli(*args, *given) == 2
+    make_concept(tmp_path / "concepts" / "dog1", n_images=1)
+    assert cli("evaluate", "--concepts", tmp_path / "concepts", "--out", tmp_path / "e", "--metrics", "none",
+               "--generator", "metric_tiny_models:stand_in_generator", *given) == 2
+    assert applied == [expected, expected]
