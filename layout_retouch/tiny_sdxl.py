@@ -16,7 +16,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from layout_retouch.tiny_models import SD_SCHEDULER, tiny_tokenizer
 
-TEXT_WIDTH = 32  # each encoder's; the UNet's cross-attention takes both side by side (64, unlike tiny SD's 32)
+# The encoders' widths differ, as SDXL's do (768 and 1280): diffusers' single-file loader tells them apart by
+# width. The UNet's cross-attention takes both side by side (80, unlike tiny SD's 32).
+TEXT_WIDTH, TEXT_WIDTH_2 = 32, 48
 POOLED_WIDTH = 32  # the second encoder's projection
 TIME_EMBED = 8  # per time id; SDXL: 256
 SDXL_VAE_SCALING = 0.13025  # SDXL's VAE config
@@ -30,14 +32,15 @@ def tiny_sdxl_unet(sample_size: int = 16) -> UNet2DConditionModel:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), use_linear_projection=True,
-        cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
+        cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2, addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED,
         projection_class_embeddings_input_dim=6 * TIME_EMBED + POOLED_WIDTH, norm_num_groups=8,
     )
 
 
-def _text_config(tokenizer, **extra) -> CLIPTextConfig:
+def _text_config(tokenizer, width: int, **extra) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
 
@@ -45,8 +48,8 @@ def _text_config(tokenizer, **extra) -> CLIPTextConfig:
 def tiny_sdxl_components(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=POOLED_WIDTH))
+    text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_WIDTH))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, TEXT_WIDTH_2, projection_dim=POOLED_WIDTH))
     vae = AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from layout_retouch.tiny_sdxl import TEXT_WIDTH, save_tiny_sdxl_pipeline, tiny_sdxl_components
+from layout_retouch.tiny_sdxl import TEXT_WIDTH, TEXT_WIDTH_2, save_tiny_sdxl_pipeline, tiny_sdxl_components
 
 
 def make_sdxl_base(folder: Path) -> Path:
@@ -32,7 +32,7 @@ def make_sdxl_lora(folder: Path) -> Path:
 def make_sdxl_textual_inversion(path: Path, token: str = "<cat-toy>", vectors: int = 2) -> Path:
     """SDXL Textual Inversion: clip_l vectors for the first text encoder, clip_g for the second."""
     torch.manual_seed(6)
-    save_file({"clip_l": torch.randn(vectors, TEXT_WIDTH), "clip_g": torch.randn(vectors, TEXT_WIDTH)}, str(path))
+    save_file({"clip_l": torch.randn(vectors, TEXT_WIDTH), "clip_g": torch.randn(vectors, TEXT_WIDTH_2)}, str(path))
     return path
 
 

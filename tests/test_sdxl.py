@@ -27,7 +27,7 @@ def sdxl_dir(tmp_path_factory):
     make_sdxl_lora(root / "lora")
     make_sdxl_dreambooth(root / "dreambooth")
     make_sdxl_textual_inversion(root / "sdxl_embeds.safetensors")
-    make_photo(root / "reference.png")
+    make_photo(root / "reference.png", size=(64, 64))  # larger than every size the tests generate at
     return root
 
 
@@ -294,3 +294,20 @@ def test_generate_cli_on_sdxl_with_a_lora(sdxl_dir, tmp_path):
     assert code == 0
     (image,) = out.rglob("*.png")
     assert image.with_suffix(".json").is_file()
+
+
+def test_single_file_sdxl_base_loads_as_the_folder_does(sdxl_dir, tmp_path):
+    from layout_retouch.single_file_sdxl import export_sdxl_single_file
+    from layout_retouch.tiny_sdxl import tiny_sdxl_pipeline
+
+    file = export_sdxl_single_file(tiny_sdxl_pipeline(seed=0), tmp_path / "sdxl.safetensors")
+    from_file = LayoutRetouchPipeline.from_pretrained(str(file), base_config=str(sdxl_dir / "base"), progress=False)
+    from_folder = load(sdxl_dir, None, None, None)
+    assert from_file.models.architecture is SDXL
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours = getattr(from_file.models.pipe, name).state_dict()
+        theirs = getattr(from_folder.models.pipe, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    # the same weights at other memory alignments (safetensors' mmap), where BLAS rounds differently
+    assert torch.allclose(run(from_file, "I", "a dog").images, run(from_folder, "I", "a dog").images,
+                          rtol=1e-5, atol=1e-4)
