@@ -118,3 +118,26 @@ def test_attention_contribution_reads_zero_for_a_block_that_adds_nothing(pipe):
     assert ratios["up_blocks.1.attentions.1"] > 0.05
     assert len(ratios) == sum(len(getattr(b, "attentions", [])) for b in
                               [*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks])
+
+
+def test_export_and_continue_round_trip_the_ema_unet(tmp_path):
+    """train_vanilla --export writes a live checkpoint's EMA UNet as a pipeline; --init-from starts from it."""
+    import shutil
+
+    from layout_retouch.toyworld.checkpoint import save_checkpoint
+    from layout_retouch.toyworld.components import build_unet_v2
+    from layout_retouch.toyworld.train_vanilla import continue_from, export_checkpoint
+
+    torch.manual_seed(0)
+    trained, ema = build_unet_v2(), build_unet_v2()
+    (tmp_path / "work").mkdir()
+    save_checkpoint(tmp_path / "work" / "unet_checkpoint.safetensors", {"unet": trained, "ema_unet": ema},
+                    torch.optim.AdamW(trained.parameters()), step=321)
+    out = tmp_path / "vanilla"
+    shutil.copytree(VANILLA / "vae", out / "vae")
+    assert export_checkpoint(tmp_path / "work", out, "v2", text_encoder_from=VANILLA) == 321
+    fresh = {"unet": build_unet_v2(), "ema_unet": build_unet_v2()}
+    assert continue_from(out, fresh) == 321
+    for name in ("unet", "ema_unet"):
+        for (key, value), expected in zip(fresh[name].state_dict().items(), ema.state_dict().values(), strict=True):
+            assert torch.allclose(value, expected.half().float()), key  # the EMA weights, through fp16

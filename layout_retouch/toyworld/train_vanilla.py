@@ -206,8 +206,23 @@ def grow(checkpoint: Path, modules: dict[str, torch.nn.Module], opt: torch.optim
     return step
 
 
+def continue_from(folder: Path, modules: dict[str, torch.nn.Module]) -> int:
+    """Start from a committed intermediate UNet (EMA weights, as `--export` writes them): both the trained
+    and the EMA UNet take them; the optimizer starts afresh (its moments are not committed: too large)."""
+    from diffusers import UNet2DConditionModel
+
+    weights = UNet2DConditionModel.from_pretrained(folder / "unet").float().state_dict()
+    for name in ("unet", "ema_unet"):
+        modules[name].load_state_dict(weights)
+    steps_file = folder / "trained_steps.txt"
+    step = int(steps_file.read_text()) if steps_file.exists() else 0
+    print(f"continuing from {folder} at step {step} (fresh optimizer, warm-up again)", flush=True)
+    return step
+
+
 def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
-               max_minutes: float | None = None, grow_from: Path | None = None) -> None:
+               max_minutes: float | None = None, grow_from: Path | None = None,
+               init_from: Path | None = None) -> None:
     """Train until `recipe.steps`, or until `max_minutes` have passed (then save the step reached)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -232,10 +247,13 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
         modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     ckpt = work / "unet_checkpoint.safetensors"
+    fresh_moments_from = None
     if ckpt.exists():
         step = load_checkpoint(ckpt, modules, opt)
     elif grow_from is not None:
         step = grow(grow_from, modules, opt)
+    elif init_from is not None:
+        step = fresh_moments_from = continue_from(init_from, modules)
     else:
         step = 0
     # A run resumed at its last step only exports the pipeline: no need to encode the data.
@@ -254,6 +272,8 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = recipe.lr * lr_factor(step, recipe.steps, recipe.decay_from, recipe.warmup)
+            if fresh_moments_from is not None:  # a fresh optimizer warms up again
+                group["lr"] *= min(1.0, (step - fresh_moments_from + 1) / recipe.warmup)
         idx = rng.integers(0, len(specs), recipe.batch)
         texts = ["" if rng.random() < recipe.caption_dropout else caption(specs[i], rng, drop=drop) for i in idx]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
@@ -292,6 +312,36 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     save_pipeline(pipe, out)
 
 
+def export_checkpoint(work: Path, out: Path, arch: str, text_encoder_from: Path | None = None) -> int:
+    """Write the EMA weights of `work`'s checkpoint as the pipeline folder `out` (next to its VAE), without
+    touching the checkpoint: a run still training can be judged by its latest state. Returns the step."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = work / "unet_checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        step = int(f.metadata()["step"])
+        unet = UNET_ARCHITECTURES[arch]()
+        unet.load_state_dict({k[len("ema_unet."):]: f.get_tensor(k) for k in f.keys() if k.startswith("ema_unet.")})
+        if text_encoder_from is None:
+            tokenizer = build_tokenizer()
+            text_encoder = build_text_encoder(tokenizer)
+            text_encoder.load_state_dict({k[len("ema_text."):]: f.get_tensor(k) for k in f.keys()
+                                          if k.startswith("ema_text.")})
+    if text_encoder_from is not None:
+        tokenizer = CLIPTokenizer.from_pretrained(text_encoder_from / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(text_encoder_from / "text_encoder")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        unet=unet.eval(), scheduler=sample_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    save_pipeline(pipe, out)
+    (out / "trained_steps.txt").write_text(f"{step}\n")
+    return step
+
+
 def save_pipeline(pipe, out: Path) -> None:
     """Save the UNet and VAE as fp16 (halves the size; diffusers loads them back as float32 unless
     asked otherwise). The text encoder stays float32: transformers would load fp16 weights as fp16,
@@ -323,6 +373,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="pipeline folder whose trained tokenizer and text encoder are used, frozen")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="pipeline folder whose trained VAE is copied to OUT/vae (skips the VAE stage)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="pipeline folder of an intermediate UNet (as --export writes it) to continue from, "
+                             "with a fresh optimizer (used when --work holds no checkpoint yet)")
+    parser.add_argument("--export", action="store_true",
+                        help="only write the EMA weights of --work's checkpoint as the pipeline in --out")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet stage after this long (resume continues up to --unet-steps)")
@@ -334,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    if args.export:
+        step = export_checkpoint(args.work, args.out, args.arch, args.text_encoder_from)
+        print(f"exported the EMA weights of step {step} to {args.out}", flush=True)
+        return
     if args.vae_from is not None:
         import shutil
 
@@ -348,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                             scene_drop=args.scene_drop, text_encoder_from=args.text_encoder_from)
         if args.pool:
             recipe.pool = args.pool
-        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from)
+        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from, args.init_from)
     print(f"stage {args.stage} done in {time.time() - start:.0f} s", flush=True)
 
 
