@@ -77,18 +77,28 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
+def browser(tmp_path_factory):
+    """Debian's Chromium with a fresh profile."""
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=FLAGS,
             viewport={"width": 1400, "height": 1000})
         try:
-            page = context.new_page()
-            page.goto(server[0])
-            page.wait_for_selector("#generate", timeout=60_000)
-            yield page
+            yield context
         finally:
             context.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    return open_page(browser, server[0])
 
 
 def status(page) -> str:
@@ -123,10 +133,16 @@ def set_number(page, selector: str, value) -> None:
 
 
 def upload_reference(page, path: Path) -> None:
-    page.locator("#reference button[aria-label='Remove Image']").click()
+    clear_reference(page)
     page.locator("#reference input[type=file]").set_input_files(str(path))
     page.wait_for_function("n => [...document.querySelectorAll('#reference img')].some(i => i.src.includes(n))",
                            arg=path.name, timeout=30_000)
+
+
+def clear_reference(page) -> None:
+    remove = page.locator("#reference button[aria-label='Remove Image']")
+    if remove.count():
+        remove.click()
 
 
 def gallery_sources(page) -> list[str]:
@@ -200,7 +216,7 @@ def test_errors_show_as_one_message(page, tmp_path):
 
 
 def test_stop_ends_a_long_generation(page):
-    page.locator("#reference button[aria-label='Remove Image']").click()
+    clear_reference(page)
     page.locator("#method").get_by_label("I: plain personalized").check()  # needs no reference
     page.locator("#seeds input, #seeds textarea").first.fill("1, 2, 3, 4, 5, 6, 7, 8")
     set_number(page, "#steps input[type=number]", 100)
@@ -217,3 +233,25 @@ def test_stop_ends_a_long_generation(page):
     page.locator("#seeds input, #seeds textarea").first.fill("42")
     set_number(page, "#steps input[type=number]", 5)
     assert press(page, "#generate", "Done").startswith("Done: 1 image(s)")  # the next run is not stopped
+
+
+def test_one_generation_at_a_time_across_pages(page, server, browser):
+    """A second page's press waits in the queue while the first page's generation runs, then runs."""
+    other = open_page(browser, server[0])
+    try:
+        for p, steps in ((page, 100), (other, 5)):
+            clear_reference(p)
+            p.locator("#method").get_by_label("I: plain personalized").check()
+            p.locator("#seeds input, #seeds textarea").first.fill("3")
+            set_number(p, "#steps input[type=number]", steps)
+            p.evaluate(WATCH_STATUS)
+        page.click("#generate")
+        page.wait_for_function("() => /step \\d+\\/100 - /.test(document.body.innerText)", timeout=60_000)
+        other.click("#generate")
+        other.wait_for_function("() => window.statuses.some(t => t.startsWith('Done'))", timeout=120_000)
+        page.wait_for_function("() => window.statuses.some(t => t.startsWith('Done'))", timeout=120_000)
+        second = [t for t in other.evaluate("window.statuses") if not t[:1].isdigit()]
+        assert second[0].startswith("Waiting for the generation before it")  # the first was still running
+        assert page.evaluate("window.statuses").count(status(page)) == 1 and status(page).startswith("Done")
+    finally:
+        other.close()
