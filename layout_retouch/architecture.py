@@ -20,6 +20,8 @@ Layer rules per architecture (ALGORITHM.md, "Layer selection"), by place rather 
 
 The rules happen to read the same for both (0.5 and 0.25); `LAYER_DEFAULTS` states them per
 architecture so that a new backbone says its own, and `tests/test_sdxl.py` pins the layers they select.
+The pipeline's default config comes from here; the CLI builds its config before it knows the model, from
+LayoutRetouchConfig's defaults, which a test keeps equal to every architecture's.
 """
 
 from __future__ import annotations

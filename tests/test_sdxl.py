@@ -170,9 +170,12 @@ def test_config_defaults_per_architecture():
         config = default_config(architecture)
         assert {k: getattr(config, k) for k in LAYER_DEFAULTS[architecture.name]} == \
             LAYER_DEFAULTS[architecture.name]
-    # SD 1.x's reference mapping stays the paper's (tests/test_stage2.py pins its block indices).
-    assert LAYER_DEFAULTS["sd"] == {"ref_min_resolution": LayoutRetouchConfig().ref_min_resolution,
-                                    "mask_attention_resolution": LayoutRetouchConfig().mask_attention_resolution}
+    # The CLI builds its config before it loads (and knows) the model, from LayoutRetouchConfig's defaults:
+    # they must be every architecture's until the CLI resolves them per architecture (SD 1.x's block indices
+    # are pinned in tests/test_stage2.py).
+    plain = LayoutRetouchConfig()
+    for rules in LAYER_DEFAULTS.values():
+        assert rules == {k: getattr(plain, k) for k in rules}
     assert default_config(SDXL, tau=0.2).tau == 0.2
 
 
@@ -311,3 +314,14 @@ def test_single_file_sdxl_base_loads_as_the_folder_does(sdxl_dir, tmp_path):
     # the same weights at other memory alignments (safetensors' mmap), where BLAS rounds differently
     assert torch.allclose(run(from_file, "I", "a dog").images, run(from_folder, "I", "a dog").images,
                           rtol=1e-5, atol=1e-4)
+
+
+def test_model_offload_moves_both_text_encoders_and_gives_the_same_images(sdxl_dir, tmp_path):
+    def full(pipe):
+        return run(pipe, "V", reference=sdxl_dir / "reference.png", inversion_cache_dir=str(tmp_path)).images
+
+    expected = full(load(sdxl_dir))
+    offloaded = load(sdxl_dir)
+    offloaded.enable_model_cpu_offload("cpu")
+    assert hasattr(offloaded.models.pipe.text_encoder_2, "_hf_hook")
+    assert torch.allclose(full(offloaded), expected, atol=1e-5)
