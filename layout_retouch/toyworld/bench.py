@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from layout_retouch.config import BASELINES, LayoutRetouchConfig
@@ -152,6 +151,8 @@ def calls_for(methods: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
 def generate(pipe, method: str, text: str, seeds, config: LayoutRetouchConfig, reference: Path
              ) -> dict[str, list[Image.Image]]:
     """One batched call for all seeds; returns the images of each row it yields."""
+    import torch
+
     generator = [torch.Generator().manual_seed(int(s)) for s in seeds]
     out = pipe(text, reference_image=str(reference) if config.uses_reference else None, config=config,
                num_images_per_prompt=len(seeds), generator=generator)

@@ -13,7 +13,6 @@ from PIL import Image
 
 from layout_retouch.outputs import atomic_write_bytes, save_png, slug
 from layout_retouch.toyworld.bench_prompts import BenchPrompt
-from layout_retouch.toyworld.bench_stats import image_record
 
 
 def prompt_key(prompt: BenchPrompt) -> str:
@@ -55,6 +54,8 @@ def strip_cells(path: Path, count: int) -> list[Image.Image]:
 def write_unit(path: Path, images: list[Image.Image], prompt: BenchPrompt, text: str, seeds, config: dict,
                seconds: float, oracles, extra: dict | None = None) -> dict:
     """Score the images and write PNG strip, then JSON (the JSON's presence marks the unit done)."""
+    from layout_retouch.toyworld.bench_stats import image_record  # the oracles' torch, only when scoring
+
     readings = oracles.read(images)
     unit = {
         "template": prompt.template, "prompt": text, "kind": prompt.kind, "fixes_position": prompt.fixes_position,
