@@ -266,6 +266,20 @@ def test_serve_options(tmp_path):
     assert main(["serve", "--reference", str(tmp_path / "missing.png"), "--threads", "1"]) == 2
 
 
+def test_serve_refuses_a_busy_port_before_loading(capsys):
+    import socket
+
+    from layout_retouch.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--threads", "1"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2
+
+
 def test_serve_reference_and_prompt_options(tmp_path):
     photo = tmp_path / "mine.png"
     Image.open(REFERENCE).save(photo)

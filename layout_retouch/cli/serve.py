@@ -7,6 +7,7 @@ options are `generate`'s, and the method options set the page's starting values.
 from __future__ import annotations
 
 import argparse
+import socket
 import tempfile
 from pathlib import Path
 
@@ -88,6 +89,19 @@ def load(args):
                                args.prompt or example_prompt(args.token, args.class_word, toy), out.resolve(), title))
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be listened on before the models load (Gradio would say so only after)."""
+    if not 0 < port < 65536:
+        raise LayoutRetouchError(f"--port must lie in 1..65535, got {port}")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port is free
+            probe.bind((host, port))
+    except OSError as err:
+        raise LayoutRetouchError(f"cannot listen on {host}:{port} ({err.strerror or err}); pass another --port "
+                                 "or --host") from err
+
+
 def run(args) -> int:
     try:
         from layout_retouch.web.app import launch
@@ -95,8 +109,9 @@ def run(args) -> int:
         if err.name and err.name.split(".")[0] in ("gradio", "gradio_client"):
             raise LayoutRetouchError("the web app needs Gradio: pip install -e '.[web]'") from err
         raise
+    check_port(args.host, args.port)
     set_threads(args.threads)
     engine = load(args)
-    print(f"layout-retouch serve: http://{args.host}:{args.port} (images go to {engine.models.out})", flush=True)
+    print(f"layout-retouch serve: models loaded, images go to {engine.models.out}", flush=True)
     launch(engine, args.host, args.port)
     return 0
