@@ -77,7 +77,8 @@ def build_app(engine: WebEngine) -> gr.Blocks:
         # A toast, not the status line: the run's own "Stopped ..." must be the status's last word.
         gr.Info("Stopping after the current step..." if engine.stop() else "Nothing is running.")
 
-    with gr.Blocks(title=models.title, analytics_enabled=False) as app:
+    # Gradio's copies of uploads and results are dropped after a day (the PNGs stay in the --out folder).
+    with gr.Blocks(title=models.title, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown(f"# {models.title}\nPersonal subject {subject}, class word `{models.pipe.models.class_word}`. "
                     "Stage 1 takes the layout from the base model, Stage 2 retouches the subject from the "
                     "reference photo (arXiv 2407.09779).")
@@ -138,5 +139,5 @@ def launch(engine: WebEngine, host: str = "127.0.0.1", port: int = 7860, block: 
     app = build_app(engine)
     allowed = [str(engine.models.out), *{str(Path(p).resolve().parent) for p in engine.models.references}]
     app.launch(server_name=host, server_port=port, allowed_paths=allowed, ssr_mode=False, theme=THEME, css=CSS,
-               prevent_thread_lock=not block, inbrowser=False, share=False, footer_links=[])
+               prevent_thread_lock=not block, inbrowser=False, share=False, footer_links=[], max_file_size="50mb")
     return app
