@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from layout_retouch.tiny_sdxl import TEXT_WIDTH, TEXT_WIDTH_2, save_tiny_sdxl_pipeline, tiny_sdxl_components
 
@@ -41,4 +41,23 @@ def make_sdxl_dreambooth(folder: Path) -> Path:
     base, tuned = tiny_sdxl_components(seed=0), tiny_sdxl_components(seed=1)
     base.update(unet=tuned["unet"], text_encoder_2=tuned["text_encoder_2"])
     StableDiffusionXLPipeline(**base, add_watermarker=False).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_sdxl_kohya_lora(folder: Path, diffusers_lora: Path) -> Path:
+    """The same LoRA as kohya's sd-scripts names SDXL's: `lora_unet_` + the original (SGM) module path with
+    "_" for ".", lora_down / lora_up, and an alpha per module (= rank: scale 1, as the PEFT one)."""
+    from layout_retouch.single_file import _unet_name
+
+    rename = _unet_name(tiny_sdxl_components(seed=0)["unet"].config)
+    state = {}
+    for key, value in load_file(str(diffusers_lora / "pytorch_lora_weights.safetensors")).items():
+        module, _, rest = key.removeprefix("unet.").partition(".lora_")
+        name = "lora_unet_" + rename(f"{module}.weight").removesuffix(".weight").replace(".", "_")
+        down = rest.startswith("A")
+        state[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = value
+        if down:
+            state[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
     return folder

@@ -3,7 +3,14 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from sdxl_world import make_sdxl_base, make_sdxl_dreambooth, make_sdxl_lora, make_sdxl_textual_inversion
+from safetensors.torch import load_file
+from sdxl_world import (
+    make_sdxl_base,
+    make_sdxl_dreambooth,
+    make_sdxl_kohya_lora,
+    make_sdxl_lora,
+    make_sdxl_textual_inversion,
+)
 from tiny_world import make_photo
 
 from layout_retouch.architecture import LAYER_DEFAULTS, SD, SDXL, architecture_of, default_config
@@ -25,6 +32,7 @@ def sdxl_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
     make_sdxl_base(root / "base")
     make_sdxl_lora(root / "lora")
+    make_sdxl_kohya_lora(root / "kohya_lora", root / "lora")
     make_sdxl_dreambooth(root / "dreambooth")
     make_sdxl_textual_inversion(root / "sdxl_embeds.safetensors")
     make_photo(root / "reference.png", size=(64, 64))  # larger than every size the tests generate at
@@ -77,6 +85,14 @@ def test_all_vanilla_steps_equal_vanilla_sdxl_on_the_vanilla_prompt(lora_pipe):
     assert out.prompts.vanilla == "a dog in the snow"
     assert torch.equal(out.images, diffusers_sdxl(lora_pipe, "a dog in the snow", personalized=False))
     assert not torch.equal(out.images, run(lora_pipe, "I").images)  # the LoRA does change the images
+
+
+def test_kohya_sdxl_lora_gives_the_diffusers_one_images(sdxl_dir, lora_pipe):
+    kohya = load(sdxl_dir, "kohya_lora")
+    assert kohya.models.kind == "lora"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(
+        str(sdxl_dir / "kohya_lora" / "pytorch_lora_weights.safetensors")))
+    assert torch.allclose(run(kohya, "I").images, run(lora_pipe, "I").images, atol=1e-5)
 
 
 def test_sdxl_dreambooth_folder_is_its_unet_and_second_text_encoder(sdxl_dir):
