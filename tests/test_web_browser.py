@@ -186,6 +186,7 @@ def test_generate_in_the_browser(page, server, tmp_path):
 
     # Compare rows with the masks: I, II and V side by side, then V's masks and the reconstruction.
     page.locator("#compare input[type=checkbox]").check()
+    page.wait_for_function("() => document.querySelector('#method input').disabled")  # compare picks the rows
     page.locator("#show_masks input[type=checkbox]").check()
     set_number(page, "#steps input[type=number]", 10)
     press(page, "#generate", "Done")
@@ -203,6 +204,7 @@ def test_generate_in_the_browser(page, server, tmp_path):
 
 def test_errors_show_as_one_message(page, tmp_path):
     page.locator("#compare input[type=checkbox]").uncheck()
+    page.wait_for_function("() => !document.querySelector('#method input').disabled")
     page.locator("#prompts textarea").fill("a photo of a star in the snow")
     message = press(page, "#generate", "Error")
     assert "does not contain the personal token 'sks'" in message and "\n" not in message

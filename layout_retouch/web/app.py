@@ -123,6 +123,9 @@ def build_app(engine: WebEngine) -> gr.Blocks:
                                 file_count="multiple", elem_id="downloads", interactive=False)
         inputs = [reference, prompts, seeds, num_images, method, vanilla_steps, ref_start_step, mask_start_step, tau,
                   steps, guidance, compare, show_masks]
+        # Compare rows runs its own methods (I and V): the method choice is greyed out meanwhile.
+        compare.change(lambda on: gr.Radio(interactive=not on), inputs=[compare], outputs=[method], queue=False,
+                       api_visibility="private", show_progress="hidden")
         # At once, outside the queue, the page drops the last results and says the press was taken; then the run.
         pressed = run.click(started, outputs=[gallery, files, status], queue=False, api_visibility="private",
                             show_progress="hidden")
