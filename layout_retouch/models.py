@@ -26,7 +26,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from layout_retouch.architecture import SDXL, Architecture, architecture_of
@@ -201,9 +201,13 @@ def pipeline_class(class_name: str | None) -> type:
 def _single_file_class(path: Path, base_config: str | None) -> type:
     """An SDXL checkpoint holds its second text encoder under `conditioner.embedders.1`; SD 1.x/2.x's do not."""
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as opened:
-            return StableDiffusionXLPipeline if any(k.startswith("conditioner.embedders.1.") for k in opened.keys()) \
-                else StableDiffusionPipeline
+        try:
+            with safe_open(str(path), framework="pt") as opened:
+                keys = list(opened.keys())
+        except (OSError, ValueError, SafetensorError):
+            return StableDiffusionPipeline  # the loader itself says what is wrong with the file
+        return StableDiffusionXLPipeline if any(k.startswith("conditioner.embedders.1.") for k in keys) \
+            else StableDiffusionPipeline
     return _config_class(base_config) if base_config else StableDiffusionPipeline
 
 
@@ -260,6 +264,9 @@ def load_base(base: str, torch_dtype, allow_pickle: bool,
             ) from err
     else:
         raise ModelLoadError(f"base model {base!r} does not exist (not a file, folder or hub id)")
+    if isinstance(pipe, StableDiffusionXLPipeline) and pipe.text_encoder is None:
+        raise ModelLoadError(f"{base!r} has one text encoder of SDXL's two (an SDXL refiner?): the method needs a "
+                             "text-to-image base such as stabilityai/stable-diffusion-xl-base-1.0")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the method is defined on DDIM
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -341,3 +341,17 @@ def test_model_offload_moves_both_text_encoders_and_gives_the_same_images(sdxl_d
     offloaded.enable_model_cpu_offload("cpu")
     assert hasattr(offloaded.models.pipe.text_encoder_2, "_hf_hook")
     assert torch.allclose(full(offloaded), expected, atol=1e-5)
+
+
+def test_a_refiner_or_a_damaged_checkpoint_is_one_clear_error(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from layout_retouch.tiny_sdxl import tiny_sdxl_components
+
+    parts = {**tiny_sdxl_components(), "text_encoder": None, "tokenizer": None}
+    StableDiffusionXLPipeline(**parts, add_watermarker=False).save_pretrained(tmp_path / "refiner")
+    with pytest.raises(ModelLoadError, match="one text encoder of SDXL's two .an SDXL refiner"):
+        load_model_pair(str(tmp_path / "refiner"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="cannot load the single-file checkpoint"):
+        load_model_pair(str(tmp_path / "broken.safetensors"))
