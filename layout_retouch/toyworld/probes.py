@@ -11,7 +11,10 @@ bootstrap interval, measured by the toy world's oracles; `layout-retouch toy-pro
 - P1b the method's own case: the DreamBooth target from P_n and the layout's noise, the layout's Q, K in
   every self-attention layer over the first half: median distance of the target's subject to the layout's.
 - P2 blend bound: Stage 2 with M = 0 (the target takes the layout's self-attention layer outputs) in the
-  paper's blend layers, and in every self-attention layer: share of targets whose scene is the layout's.
+  paper's blend layers, and in every self-attention layer: share of targets whose scene is the layout's
+  (and, for comparison, of targets with no control at all).
+  P1b and P2 take layouts made with half the steps on the vanilla model, which vary where the subject
+  sits and which scene surrounds it (at T_l = 0.1 the toy DreamBooth's layouts are its studio picture).
 - P3 appearance: row III's rule (MasaCtrl's mutual self-attention, target Q on the source's subject K, V)
   from a source of one color into a target prompt without a color word, from other noise.
 - P4 what each transformer block adds to the feature map it sits on, |out - in| / |in|.
@@ -194,14 +197,21 @@ def _retouch(world: World, config: LayoutRetouchConfig, plan: ControlPlan, cond:
                        progress=False)
 
 
-def probe_config(s: ProbeSettings) -> LayoutRetouchConfig:
-    """The method's defaults at the probes' step count (S_ref scaled from the paper's 4 of 50), toy settings."""
+def probe_config(s: ProbeSettings, layout_steps: float = 0.1) -> LayoutRetouchConfig:
+    """The method's defaults at the probes' step count (S_ref scaled from the paper's 4 of 50), toy settings.
+
+    P1b and P2 judge whether the target can take a layout that differs from what the personalized model
+    draws; at the paper's T_l (0.1) the toy DreamBooth's layouts are its own studio picture already, so
+    they take half of the steps from the vanilla model (as issue 14's measurements did)."""
     return LayoutRetouchConfig(method="V", num_inference_steps=s.steps, guidance_scale=s.guidance,
-                               ref_start_step=round(4 * s.steps / 50), **TOY_METHOD)
+                               ref_start_step=round(4 * s.steps / 50), vanilla_steps=layout_steps, **TOY_METHOD)
+
+
+VARIED_LAYOUT = 0.5  # T_l of P1b and P2, as a share of the steps
 
 
 def probe_p1b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
-    config = probe_config(s)
+    config = probe_config(s, VARIED_LAYOUT)
     injected, own = [], []
     for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
         cond, timesteps, z, layout = _stage1(world, s, batch, CONTEXT_SCENES[variant], config)
@@ -221,10 +231,11 @@ def _image_rmse(a, b) -> float:
 
 
 def probe_p2(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
-    config = probe_config(s)
+    config = probe_config(s, VARIED_LAYOUT)
     unet = world.pair.pipe.unet
     paper = select_decoder_layers(attention_layers(unet), config.blend_min_resolution, config.ref_layer_indices)
-    layer_sets = {"paper_layers": paper, "all_layers": world.self_attention_layers()}
+    # "no_control": the target from P_n alone, what the blend has to move away from
+    layer_sets = {"paper_layers": paper, "all_layers": world.self_attention_layers(), "no_control": None}
     agree = {name: [] for name in layer_sets}
     rmse = {name: [] for name in layer_sets}
     for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
@@ -232,8 +243,9 @@ def probe_p2(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
         n = len(batch)
         finals = []
         for layers in layer_sets.values():
-            plan = ControlPlan(early_swap=config.early_swap, ref_start=config.ref_start_step,
-                               mask_start=config.mask_start, blend_layers=layers)
+            plan = ControlPlan() if layers is None else ControlPlan(
+                early_swap=config.early_swap, ref_start=config.ref_start_step, mask_start=config.mask_start,
+                blend_layers=layers)
             zero = lambda controller, n=n: torch.zeros(n, *world.latent_shape[1:])  # M = 0: the layout's output
             finals.append(_retouch(world, config, plan, cond, z, timesteps, layout, zero))
         images = world.decode(torch.cat([layout.latents[-1], *finals]))
