@@ -64,6 +64,8 @@ class ControlPlan:
     ref_mask_threshold: float = 0.1
     # Skip the plain attention of target rows whose output a swap replaces (same result, less work).
     skip_replaced: bool = True
+    # Compute a call's subject maps for all its map layers at once (a few operators per call, not per layer).
+    batch_maps: bool = True
 
     # When each rule is on, as functions of the step (the controller asks for its current step;
     # the feature recorders ask ahead for the steps Stage 2 will run).
@@ -91,7 +93,8 @@ class AttentionController:
         # (layer, role) -> a source's tensors from a call without the target, for the target's call later
         # in the same step (a path that ran through the other model).
         self.store: dict[tuple[str, str], SourceRows] = {}
-        self.maps: dict[str, list[torch.Tensor]] = {}  # role -> this step's (n, h, w) subject maps
+        self.maps: dict[str, list[torch.Tensor]] = {}  # role -> this step's (layers, n, h, w) subject maps
+        self._pending_maps: list[tuple] = []  # this call's map layers' (query, key, scale, size), batched later
         self.previous_maps: dict[str, torch.Tensor] = {}
         self.map_sums: dict[str, torch.Tensor] = {}  # role -> sum over steps, for a run-level map
         self.map_counts: dict[str, int] = {}
@@ -114,9 +117,10 @@ class AttentionController:
         self._resized.clear()
 
     def finish_step(self) -> None:
+        self._flush_maps()
         for role, maps in self.maps.items():
             if maps:
-                mean = torch.stack(maps).mean(0)
+                mean = _layer_mean(maps)
                 self.previous_maps[role] = mean
                 self.map_sums[role] = self.map_sums.get(role, 0) + mean
                 self.map_counts[role] = self.map_counts.get(role, 0) + 1
@@ -125,6 +129,7 @@ class AttentionController:
         self.maps = {}
 
     def begin_call(self, paths: list[PathRows]) -> None:
+        self._flush_maps()  # with the rows of the call that made them
         self.paths = {p.role: p for p in paths}
         if paths:
             self.last_paths = self.paths
@@ -134,13 +139,42 @@ class AttentionController:
         return layer.name in self.plan.map_layers and any(role in self.subject_tokens for role in self.paths)
 
     def add_maps(self, role: str, maps: torch.Tensor) -> None:
-        self.maps.setdefault(role, []).append(maps.float())
+        """One layer's (n, h, w) subject maps of `role`."""
+        self.maps.setdefault(role, []).append(maps.float()[None])
+
+    def defer_maps(self, query: torch.Tensor, key: torch.Tensor, scale: float, size: tuple[int, int]) -> None:
+        """A map layer's whole-call query and key (no operator here): its maps are made with the call's others."""
+        self._pending_maps.append((query, key, scale, size))
+
+    def _flush_maps(self) -> None:
+        """The deferred layers' subject maps, one batched softmax per group of like-shaped layers.
+
+        What `add_maps` receives layer by layer, per path with subject tokens: the conditional rows'
+        attention probabilities on the subject tokens, averaged over tokens and heads. All rows are
+        multiplied at once (one matmul, one softmax), then each path takes its conditional rows.
+        """
+        if not self._pending_maps:
+            return
+        pending, self._pending_maps = self._pending_maps, []
+        groups: dict[tuple, list] = {}
+        for query, key, scale, size in pending:
+            groups.setdefault((query.shape, key.shape, scale, size), []).append((query, key))
+        for (_, _, scale, (h, w)), layers in groups.items():
+            query = layers[0][0][None] if len(layers) == 1 else torch.stack([q for q, _ in layers])
+            key = layers[0][1][None] if len(layers) == 1 else torch.stack([k for _, k in layers])
+            probs = (query @ key.transpose(-1, -2) * scale).softmax(-1)  # (layers, rows, heads, hw, tokens)
+            for path in self.paths.values():
+                tokens = self.subject_tokens.get(path.role)
+                if tokens:
+                    subject = probs[:, path.cond][..., tokens].mean(-1).mean(2)  # over subject tokens, then heads
+                    self.maps.setdefault(path.role, []).append(subject.view(len(layers), -1, h, w).float())
 
     def subject_map(self, role: str) -> torch.Tensor | None:
         """This step's mean subject map of `role`, or the last step's if none has run yet."""
+        self._flush_maps()
         maps = self.maps.get(role)
         if maps:
-            return torch.stack(maps).mean(0)
+            return _layer_mean(maps)
         return self.previous_maps.get(role)
 
     def run_map(self, role: str) -> torch.Tensor | None:
@@ -187,7 +221,8 @@ class AttentionController:
         """
         if not self.plan.ref_subject_only:
             return None
-        key = ("reference keys", size, len(self.maps.get(REFERENCE, ())))
+        self._flush_maps()
+        key = ("reference keys", size, sum(len(m) for m in self.maps.get(REFERENCE, ())))
         if key not in self._resized:
             ref_map = self.subject_map(REFERENCE)
             keep = None
@@ -208,6 +243,11 @@ class AttentionController:
             resized = resize_mask(self._blend_mask, size).flatten(1)[:, None, :, None]
             self._resized[key] = torch.cat([resized, resized]).to(device=like.device, dtype=like.dtype)
         return self._resized[key]
+
+
+def _layer_mean(maps: list[torch.Tensor]) -> torch.Tensor:
+    """The mean over layers of (layers, n, h, w) chunks of subject maps."""
+    return maps[0].mean(0) if len(maps) == 1 else torch.cat(maps).mean(0)
 
 
 @dataclass
@@ -284,7 +324,11 @@ class LayoutRetouchAttnProcessor:
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
             if self.layer.cross and controller.wants_maps(self.layer):
-                self._record_maps(attn, query, key)
+                if controller.plan.batch_maps:
+                    size = _layer_size(controller.latent_size, self.layer, query.shape[2])
+                    controller.defer_maps(query, key, attn.scale, size)
+                else:
+                    self._record_maps(attn, query, key)
 
         if out is not None:
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -458,4 +502,5 @@ def build_plan(config: LayoutRetouchConfig, unet, *, swap_layout: bool, swap_ref
         ref_subject_only=config.ref_subject_only,
         ref_mask_threshold=config.ref_mask_threshold,
         skip_replaced=config.skip_replaced_attention,
+        batch_maps=config.batch_subject_maps,
     )

@@ -149,13 +149,29 @@ def ddim_invert(unet, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, 
     return DDIMInversion(scheduler, latent, timesteps, embedding, added).run(unet, progress)
 
 
+@torch.no_grad()
 def model_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap digest of a model's weights (shapes and a sample of every tensor)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    """A cheap digest of a model's weights (shapes and the first 64 values of every tensor).
+
+    The samples are one view per tensor and one copy to the host for all of them (a few operators per
+    tensor made a concept's first image launch thousands more on a GPU); the digest is the same as
+    when each tensor's sample was copied on its own.
+    """
+    state = module.state_dict()
+    if not state:
+        return hashlib.sha256().hexdigest()[:24]
+    samples = [t.detach().as_strided((min(64, t.numel()),), (1,)) if t.is_contiguous() else t.detach().reshape(-1)[:64]
+               for t in state.values()]
+    if all(s.is_floating_point() for s in samples):  # cat promotes floats exactly; an integer is converted alone
+        values = torch.cat(samples).float().cpu().numpy()
+    else:
+        values = torch.cat([s.float() for s in samples]).cpu().numpy()
+    digest, offset = hashlib.sha256(), 0
+    for (name, tensor), sample in zip(state.items(), samples, strict=True):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        digest.update(values[offset:offset + sample.numel()].tobytes())
+        offset += sample.numel()
     return digest.hexdigest()[:24]
 
 

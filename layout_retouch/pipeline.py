@@ -198,7 +198,9 @@ class LayoutRetouchPipeline:
             layers = attention_layers(models.pipe.unet)
             map_layers = select_map_layers(layers, config.mask_attention_resolution) \
                 if config.uses_mask_blending or save_intermediates else set()
-            layout_recorder = AttentionController(ControlPlan(map_layers=map_layers), latent_size=latent_size,
+            layout_recorder = AttentionController(ControlPlan(map_layers=map_layers,
+                                                              batch_maps=config.batch_subject_maps),
+                                                  latent_size=latent_size,
                                                   keep_map_history=save_intermediates)
             layout_recorder.recorder = layout_features
         trajectory = None

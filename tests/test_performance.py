@@ -24,6 +24,7 @@ TINY = dict(num_inference_steps=STEPS, mask_attention_resolution=0.5, segmenter=
 ALL = {name: True for name in STRAIGHTFORWARD}
 SWITCHES = {"record_layout": dict(record_layout_features=True), "cache_reference": dict(cache_reference_features=True),
             "skip_replaced": dict(skip_replaced_attention=True), "share_inversion": dict(share_inversion_calls=True),
+            "batch_maps": dict(batch_subject_maps=True),
             "all": ALL, "all_offloaded": dict(ALL, feature_offload=True)}
 PROMPT = "a sks dog in the snow"
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # float rounding of other batch shapes, no more
@@ -232,6 +233,31 @@ def test_replaced_target_attention_is_not_computed(pipe, tmp_path, monkeypatch):
     rows.clear()
     generate(pipe, tmp_path, method="V", **{**STRAIGHTFORWARD, "skip_replaced_attention": True})
     assert sum(rows) < full
+
+
+def test_subject_maps_take_one_softmax_per_call(pipe, tmp_path, monkeypatch):
+    """Batched, a call's map layers share a softmax (one more where a reader needs the maps between two of them:
+    the tiny UNet interleaves its map layers with reference layers); layer by layer, each layer and path has one."""
+    softmax = []
+    real = torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        softmax.append(self.shape)
+        return real(self, *args, **kwargs)
+
+    generate(pipe, tmp_path, method="V", **STRAIGHTFORWARD)  # the reference's inversion, cached on disk
+    monkeypatch.setattr(torch.Tensor, "softmax", spy)
+    with RowCounter(pipe) as counter:  # maps of the layout, read after the call: one softmax per call
+        generate(pipe, tmp_path, method="II", intermediates=True, **{**STRAIGHTFORWARD, "batch_subject_maps": True})
+    layers = len(attention_control.select_map_layers(attention_control.attention_layers(pipe.models.pipe.unet),
+                                                     TINY["mask_attention_resolution"]))
+    assert layers > 1 and len(softmax) == counter.calls and {s[0] for s in softmax} == {layers}
+    counts = {}
+    for batched in (True, False):
+        softmax.clear()
+        generate(pipe, tmp_path, method="V", **{**STRAIGHTFORWARD, "batch_subject_maps": batched})
+        counts[batched] = len(softmax)
+    assert counts[True] < counts[False] / 2
 
 
 def test_reference_cache_is_reused_for_other_prompts_and_seeds(pipe, tmp_path):
