@@ -111,6 +111,8 @@ class AttentionController:
     # --- the loop tells the controller where it is
     def begin_step(self, step: int) -> None:
         self.finish_step()
+        for recorded in self.features.values():  # what the steps before lent is not lent again
+            recorded.release_before(step)
         self.step = step
         self.store.clear()
         self._blend_mask = None

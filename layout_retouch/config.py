@@ -123,6 +123,9 @@ class LayoutRetouchConfig:
     # The reference's DDIM inversion (when not cached on disk) takes its steps inside Stage 1's UNet calls,
     # a timestep per batch row: a concept's first image costs T_l inversion calls instead of T.
     share_inversion_calls: bool = True
+    # Free each step's recorded layout features once Stage 2 has used them (they serve one target), so the
+    # final VAE decode and the later steps do not hold them; False keeps them all until the call returns.
+    release_used_features: bool = True
     # The subject maps of a UNet call's map layers in one batched matmul and softmax when first read, not
     # layer by layer: about 60 fewer operators per call (kernel launches on a GPU), the same maps.
     batch_subject_maps: bool = True

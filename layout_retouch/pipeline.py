@@ -244,6 +244,8 @@ class LayoutRetouchPipeline:
         with attention_control(models.unets(), controller):
             result = retouch(models, config, controller, cond, latents.clone(), timesteps, layout, reference,
                              self.progress, reference_from=reference_recorder.start if reference_recorder else 0)
+        if layout_features is not None and config.release_used_features:  # not held through the decode
+            layout_features.features.entries.clear()
         if reference_recorder is not None:  # recorded in this Stage 2: every later prompt and seed reuses it
             if save_intermediates:
                 reference_recorder.features.maps = controller.history.get(REFERENCE, [])
@@ -297,7 +299,7 @@ class LayoutRetouchPipeline:
                                     torch.empty((), dtype=self.dtype).element_size())
         if not fits(size, config.layout_feature_budget_mb):
             return None
-        return LayoutRecorder(plan, home)
+        return LayoutRecorder(plan, home, release=config.release_used_features)
 
     def reference_features(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
                            reference: InversionTrajectory, latent_size: tuple[int, int], with_maps: bool = False,

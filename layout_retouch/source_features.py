@@ -40,6 +40,13 @@ class SourceFeatures:
     store_device: torch.device | None = None  # None: keep where computed; "cpu": host offload
     maps: list[torch.Tensor] = field(default_factory=list)  # the path's per-step subject maps (intermediates)
     keys_restricted: bool = False  # keys already limited to the subject: no key mask to apply
+    single_use: bool = False  # read by one Stage 2 only (the layout's): each step's entries go once it is done
+
+    def release_before(self, step: int) -> None:
+        """Free the entries of the steps before `step` (single-use features: their step is done)."""
+        if self.single_use:
+            for key in [key for key in self.entries if key[0] < step]:
+                del self.entries[key]
 
     def put(self, step: int, layer: str, tensors: dict[str, torch.Tensor]) -> None:
         if self.store_device is not None:
@@ -64,9 +71,9 @@ class LayoutRecorder:
     the reference's inversion rides along, copies of the layout's rows (the inversion's are not kept).
     """
 
-    def __init__(self, plan: ControlPlan, store_device: torch.device | None = None):
+    def __init__(self, plan: ControlPlan, store_device: torch.device | None = None, release: bool = True):
         self.plan = plan
-        self.features = SourceFeatures(store_device=store_device)
+        self.features = SourceFeatures(store_device=store_device, single_use=release)
 
     def __call__(self, controller, layer: LayerInfo, role: str, tensors) -> None:
         if role != LAYOUT:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import layout_retouch.attention_control as attention_control
+import layout_retouch.pipeline as pipeline_module
+import layout_retouch.source_features as source_features
 from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import DDIMInversion, ddim_invert
@@ -258,6 +260,49 @@ def test_subject_maps_take_one_softmax_per_call(pipe, tmp_path, monkeypatch):
         generate(pipe, tmp_path, method="V", **{**STRAIGHTFORWARD, "batch_subject_maps": batched})
         counts[batched] = len(softmax)
     assert counts[True] < counts[False] / 2
+
+
+def test_layout_features_are_freed_once_used(pipe, tmp_path, monkeypatch):
+    """Each step's recorded layout features go when the step is done, all of them before the final decode."""
+    real, seen = pipeline_module.retouch, {}
+
+    def spy(models, config, controller, *args, **kwargs):
+        features, begin = controller.features[attention_control.LAYOUT], controller.begin_step
+        seen["features"], seen["held"] = features, []
+
+        def begin_step(step):
+            begin(step)
+            seen["held"].append(len({s for s, _ in features.entries}))  # steps whose features are still held
+
+        controller.begin_step = begin_step
+        return real(models, config, controller, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "retouch", spy)
+    kept = generate(pipe, tmp_path, method="V", release_used_features=False)
+    assert seen["held"] == [STEPS] * STEPS and seen["features"].entries
+    pipe.clear_feature_cache()  # both runs record the reference alike: the same work, bit for bit
+    freed = generate(pipe, tmp_path, method="V")
+    assert seen["held"] == [STEPS - k for k in range(STEPS)]  # TINY: every step lends (early swap, then blend)
+    assert not seen["features"].entries
+    assert torch.equal(freed.images, kept.images)
+
+
+def test_recorded_features_keep_the_models_precision(tiny_dir, tmp_path, monkeypatch):
+    """A half-precision model's recorded layout and reference features are half precision too (half the bytes)."""
+    half = LayoutRetouchPipeline.from_pretrained(str(tiny_dir / "base"), personalized=str(tiny_dir / "dreambooth"),
+                                                 token="sks", class_word="dog", torch_dtype=torch.bfloat16,
+                                                 progress=False)
+    half.reference_path = tiny_dir / "reference.png"
+    kept, real = [], source_features.SourceFeatures.put
+
+    def put(self, step, layer, tensors):
+        kept.extend((self.keys_restricted, t.dtype) for t in tensors.values())
+        return real(self, step, layer, tensors)
+
+    monkeypatch.setattr(source_features.SourceFeatures, "put", put)
+    generate(half, tmp_path, method="V")
+    assert {restricted for restricted, _ in kept} == {False, True}  # the layout's and the reference's
+    assert {dtype for _, dtype in kept} == {torch.bfloat16}
 
 
 def test_reference_cache_is_reused_for_other_prompts_and_seeds(pipe, tmp_path):
