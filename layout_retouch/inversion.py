@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from layout_retouch.vae import vae_precision
 class InversionTrajectory:
     latents: list[torch.Tensor]  # latents[k]: the reference at timestep t_k; latents[-1]: its clean latent
     timesteps: torch.Tensor
+    key: str | None = None  # the inversion cache's key of what it was computed from, where known
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -133,13 +135,40 @@ class DDIMInversion:
         self.states.append(a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps)
 
     @torch.no_grad()
+    def step_alone(self, unet) -> None:
+        """Take the next step in a UNet call of its own."""
+        extra = {} if self.added is None else {"added_cond_kwargs": self.added}
+        self.advance(unet(self.latent, self.timestep, encoder_hidden_states=self.embedding, **extra).sample)
+
+    @torch.no_grad()
     def run(self, unet, progress: Progress = True) -> InversionTrajectory:
         """Take the steps not yet taken, each in a UNet call of its own."""
         remaining = len(self.timesteps) + 1 - len(self.states)
-        extra = {} if self.added is None else {"added_cond_kwargs": self.added}
         for _ in track(range(remaining), "invert reference", progress if remaining else False):
-            self.advance(unet(self.latent, self.timestep, encoder_hidden_states=self.embedding, **extra).sample)
+            self.step_alone(unet)
         return InversionTrajectory(self.states[::-1], self.timesteps)
+
+
+class InversionLatents(Sequence):
+    """An inversion still under way, indexed as `InversionTrajectory.latents` (k: timestep t_k; -1: clean).
+
+    Its remaining steps ride in Stage 2's UNet calls; a latent read before they reach it (the reference
+    path's, from step S_ref - 1) is caught up with steps in calls of their own.
+    """
+
+    def __init__(self, inversion: DDIMInversion, unet):
+        self.inversion, self.unet = inversion, unet
+
+    def __len__(self) -> int:
+        return len(self.inversion.timesteps) + 1
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        index = len(self) - 1 - (k % len(self))  # the inversion's states run from clean to noisy
+        while len(self.inversion.states) <= index:
+            self.inversion.step_alone(self.unet)
+        return self.inversion.states[index]
 
 
 @torch.no_grad()
@@ -203,7 +232,7 @@ class InversionCache:
             return None
         data = load_file(str(path))
         latents = [x[None].to(device, dtype) for x in data["latents"]]
-        return InversionTrajectory(latents, data["timesteps"])
+        return InversionTrajectory(latents, data["timesteps"], key)
 
     def save(self, key: str, trajectory: InversionTrajectory) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

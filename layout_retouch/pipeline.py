@@ -26,6 +26,7 @@ from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import (
     DDIMInversion,
     InversionCache,
+    InversionLatents,
     InversionTrajectory,
     ddim_invert,
     encode_image,
@@ -221,7 +222,11 @@ class LayoutRetouchPipeline:
             return output
 
         # Stage 2: retouch with the reference's appearance.
-        if inversion is not None:  # the steps Stage 1 did not carry
+        riding = None
+        if inversion is not None and config.share_inversion_calls:  # the steps Stage 1 did not carry ride in
+            riding = inversion.steps  # Stage 2's calls (or in calls of their own where the reference reads first)
+            reference = InversionTrajectory(InversionLatents(riding, models.select(True)[0]), timesteps, inversion.key)
+        elif inversion is not None:
             reference = self.finish_reference_inversion(inversion)
         output.reference_image = ref_image
         output.reference_reconstruction = self.reference_reconstruction(reference)
@@ -243,7 +248,10 @@ class LayoutRetouchPipeline:
             controller.blend_mask_fn = masks
         with attention_control(models.unets(), controller):
             result = retouch(models, config, controller, cond, latents.clone(), timesteps, layout, reference,
-                             self.progress, reference_from=reference_recorder.start if reference_recorder else 0)
+                             self.progress, reference_from=reference_recorder.start if reference_recorder else 0,
+                             inversion=riding)
+        if riding is not None:  # done by now (Stage 2 has as many calls as steps): cached on disk
+            reference = self.finish_reference_inversion(inversion)
         if layout_features is not None and config.release_used_features:  # not held through the decode
             layout_features.features.entries.clear()
         if reference_recorder is not None:  # recorded in this Stage 2: every later prompt and seed reuses it
@@ -315,13 +323,15 @@ class LayoutRetouchPipeline:
         if not config.cache_reference_features or plan.ref_start is None:
             return None, None
         unet, _ = self.models.select(True)
-        steps = len(reference.latents) - 1
-        size = reference_feature_bytes(plan, unet, latent_size, steps, reference.latents[0].element_size())
+        steps = len(reference.timesteps)
+        size = reference_feature_bytes(plan, unet, latent_size, steps, reference.latents[-1].element_size())
         if not fits(size, config.reference_feature_budget_mb):
             return None, None
         start = 0 if with_maps else max(0, plan.ref_start - 1)
         key = "|".join([
-            weights_signature(unet), tensor_digest(*reference.latents, *neutral.tensors()),
+            # the inversion's cache key names what its latents are computed from (they may not all exist yet)
+            weights_signature(unet), reference.key or tensor_digest(*reference.latents),
+            tensor_digest(*neutral.tensors()),
             str([int(t) for t in reference.timesteps]), str(neutral.tokens), str(latent_size), str(start),
             str(sorted(plan.ref_layers)), str(sorted(plan.map_layers)), str(plan.ref_start),
             str((plan.ref_subject_only, plan.ref_mask_threshold)), str(self.dtype), str(self.execution_device),
@@ -411,6 +421,7 @@ class LayoutRetouchPipeline:
         """Take the inversion's remaining steps (all of them if nothing carried it) and cache the result."""
         unet, _ = self.models.select(True)
         trajectory = pending.steps.run(unet, self.progress)
+        trajectory.key = pending.key
         pending.cache.save(pending.key, trajectory)
         return trajectory
 

@@ -4,7 +4,7 @@ For the first `T_l` steps the vanilla model denoises P_v (no personal token): th
 comes from the base model's diversity. From step `T_l` on the personalized model denoises P_p.
 The whole latent trajectory is kept: Stage 2 replays it as the layout path. The reference's DDIM
 inversion, when it has to be computed, can ride in the same UNet calls (a timestep per batch row):
-the personalized steps then cost one call for both.
+the personalized steps then cost one call for both (the steps left ride in Stage 2's calls).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def step_blended_denoise(
 ) -> LayoutTrajectory:
     """DDIM with CFG; steps k < vanilla_steps on the vanilla model and P_v, the rest personalized and P_p.
 
-    `inversion` (on the personalized model) takes one of its steps beside each step of the layout.
+    `inversion` (on the personalized model) takes one of its steps beside each step of the layout on the
+    same UNet; beside the vanilla model's steps (another UNet) it waits: Stage 2's calls carry the rest.
     """
     scheduler = pair.scheduler
     trajectory = [latents]
@@ -59,7 +60,7 @@ def step_blended_denoise(
             controller.begin_step(k)
         model, cond = layout_conditioning(k, vanilla_steps, vanilla, personalized)
         paths = [PathInput(LAYOUT, latents, model, cond, wants_eps=True)]
-        if inversion is not None and not inversion.done:
+        if inversion is not None and not inversion.done and (model or pair.one_unet):  # not a call of its own
             paths.append(PathInput(INVERSION, inversion.latent, True, unguided, wants_eps=True, guided=False,
                                    timestep=inversion.timestep))
         eps = guided_eps(pair, paths, t, guidance_scale, controller)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from layout_retouch.attention_control import LAYOUT, REFERENCE, TARGET, AttentionController
+from layout_retouch.attention_control import INVERSION, LAYOUT, REFERENCE, TARGET, AttentionController
 from layout_retouch.config import LayoutRetouchConfig
-from layout_retouch.inversion import InversionTrajectory
+from layout_retouch.inversion import DDIMInversion, InversionTrajectory
 from layout_retouch.masks import AdaptiveMask, adaptive_mask, resize_mask, threshold_map
 from layout_retouch.models import ModelPair
 from layout_retouch.progress import Progress, track
@@ -64,16 +64,20 @@ def retouch(
     reference: InversionTrajectory | None,
     progress: Progress = True,
     reference_from: int = 0,
+    inversion: DDIMInversion | None = None,
 ) -> torch.Tensor:
     """Denoise the target with the reference and layout paths beside it; return its clean latent.
 
     Without a layout path (ablation III) the target itself follows Stage 1's model schedule. A source
     whose tensors the controller already holds (`controller.features`, source_features.py) is not run;
     the reference path runs from step `reference_from` on (earlier steps do not borrow from it).
+    `inversion`: the reference's inversion still under way (`reference.latents` reads it), whose steps
+    ride in these calls, a row with its own timestep, as they do in Stage 1's.
     """
     scheduler = pair.scheduler
     vanilla_steps = config.num_vanilla_steps
     latents = target_latents
+    unguided = None if inversion is None else Conditioning(inversion.embedding, None, [], inversion.added)
     for k, t in enumerate(track(timesteps, "stage 2 retouch", progress)):
         controller.begin_step(k)
         paths = []
@@ -89,7 +93,12 @@ def retouch(
             model = True
             cond = conditioning.neutral if config.target_prompt == "neutral" else conditioning.personalized
         paths.append(PathInput(TARGET, latents, model, cond, wants_eps=True))
-        eps = guided_eps(pair, paths, t, config.guidance_scale, controller)[TARGET]
-        latents = scheduler.step(eps, t, latents, eta=config.eta).prev_sample
+        if inversion is not None and not inversion.done:
+            paths.append(PathInput(INVERSION, inversion.latent, True, unguided, wants_eps=True, guided=False,
+                                   timestep=inversion.timestep))
+        eps = guided_eps(pair, paths, t, config.guidance_scale, controller)
+        if INVERSION in eps:
+            inversion.advance(eps[INVERSION])
+        latents = scheduler.step(eps[TARGET], t, latents, eta=config.eta).prev_sample
     controller.finish_step()
     return latents
