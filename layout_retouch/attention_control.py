@@ -235,14 +235,18 @@ class AttentionController:
         return self._resized[key]
 
     def blend_mask(self, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
-        """(2n, 1, h*w, 1) mask M for both CFG halves at a layer's resolution, like `like`; once per step."""
+        """(2n, h*w, 1) mask M for both CFG halves at a layer's resolution, laid out as a layer output's
+        (rows, tokens, channels) and like `like`; made once per step and size, not at every layer."""
         if self.blend_mask_fn is None:
             return None
         if self._blend_mask is None:
             self._blend_mask = self.blend_mask_fn(self)
         key = (size, like.device, like.dtype)
         if key not in self._resized:
-            resized = resize_mask(self._blend_mask, size).flatten(1)[:, None, :, None]
+            mask = self._blend_mask
+            if tuple(mask.shape[-2:]) != tuple(size):
+                mask = resize_mask(mask, size)
+            resized = mask.reshape(mask.shape[0], -1, 1)
             self._resized[key] = torch.cat([resized, resized]).to(device=like.device, dtype=like.dtype)
         return self._resized[key]
 
@@ -421,8 +425,8 @@ class LayoutRetouchAttnProcessor:
             target_out = out if whole else out[rows]
         if blend:
             mask = controller.blend_mask(_layer_size(controller.latent_size, layer, target_out.shape[1]), target_out)
-            if mask is not None:  # (2n, 1, hw, 1) -> (2n, hw, 1) for the layer output's (rows, tokens, channels)
-                target_out = torch.lerp(layout["out"], target_out, mask[:, 0])
+            if mask is not None:
+                target_out = torch.lerp(layout["out"], target_out, mask)
         if whole:
             return target_out
         out[rows] = target_out
