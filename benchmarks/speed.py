@@ -133,7 +133,7 @@ class OpCounter(TorchDispatchMode):
 
 def configs(args) -> dict[str, LayoutRetouchConfig]:
     common = dict(num_inference_steps=args.steps, height=args.resolution, width=args.resolution)
-    full = LayoutRetouchConfig(method="V", segmenter="none", **common)
+    full = LayoutRetouchConfig(method="V", segmenter="none", **common, **dict(args.set))
     variants = {"plain": LayoutRetouchConfig(method="I", **common), "full": full}
     if args.straightforward:
         variants["straightforward"] = full.replace(**STRAIGHTFORWARD)
@@ -206,8 +206,7 @@ def apply_model_options(pipe, args) -> None:
         for unet in pipe.models.unets():
             unet.to(memory_format=torch.channels_last)
     if args.compile:
-        for unet in pipe.models.unets():
-            unet.compile()
+        pipe.compile_unets(args.compile)  # what `--compile` and LayoutRetouchConfig.compile_unet do
 
 
 def measure_memory_in_subprocess(args, name: str) -> dict:
@@ -300,6 +299,14 @@ def print_op_ratios(ops: dict) -> None:
             print(f"ops ratio {name}/plain {ops[name] / ops['plain']:.3f}")
 
 
+def _setting(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value  # a bare string
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -327,7 +334,11 @@ def parse_args(argv=None):
     parser.add_argument("--channels-last", action="store_true", help="UNets in channels-last memory format")
     parser.add_argument("--fuse-qkv", action="store_true",
                         help="fused attention projections (LayoutRetouchPipeline.fuse_qkv_projections), both variants")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        help="torch.compile the UNets (MODE: e.g. max-autotune-no-cudagraphs; default: torch's)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_setting,
+                        help="a LayoutRetouchConfig value for the full method (JSON value), e.g. "
+                        "--set release_used_features=false; repeatable")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--memory-worker", choices=("plain", "full", "straightforward", *BASELINES),
                         help=argparse.SUPPRESS)

@@ -295,6 +295,9 @@ class LayoutRetouchAttnProcessor:
         self.controller = controller
         self.layer = layer
 
+    # Left out of torch.compile's graphs: what it does depends on the controller's step and paths, which would
+    # recompile the UNet at every change (and exhaust dynamo's recompile limit within a run).
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         residual = hidden_states

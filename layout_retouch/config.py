@@ -126,6 +126,10 @@ class LayoutRetouchConfig:
     # Free each step's recorded layout features once Stage 2 has used them (they serve one target), so the
     # final VAE decode and the later steps do not hold them; False keeps them all until the call returns.
     release_used_features: bool = True
+    # torch.compile the UNets before the first call that asks (False: eager; True or a torch.compile mode, e.g.
+    # "max-autotune-no-cudagraphs"). The method's attention processor runs eagerly inside the compiled UNet (its
+    # control changes with the step, which would otherwise recompile it step after step); the rest is compiled.
+    compile_unet: bool | str = False
     # The subject maps of a UNet call's map layers in one batched matmul and softmax when first read, not
     # layer by layer: about 60 fewer operators per call (kernel launches on a GPU), the same maps.
     batch_subject_maps: bool = True

@@ -121,6 +121,19 @@ class LayoutRetouchPipeline:
         """One matmul per attention layer for its query/key/value (ModelPair.fuse_qkv_projections); after `to()`."""
         self.models.fuse_qkv_projections()
 
+    def compile_unets(self, mode: bool | str | None = None) -> None:
+        """torch.compile every UNet in place (once per mode; True, None or "default": torch's default mode).
+
+        The method's attention processor is left out of the graphs (it runs eagerly, see
+        LayoutRetouchAttnProcessor.__call__); diffusers' processors (plain sampling) are compiled with the rest.
+        """
+        mode = None if mode in (None, True, "default") else mode
+        if getattr(self, "_compiled", ()) == (mode,):
+            return
+        for unet in {id(u): u for u in self.models.unets()}.values():
+            unet.compile(mode=mode)
+        self._compiled = (mode,)
+
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
         """Keep each model on the CPU until it runs (for GPUs with little memory), via accelerate."""
         from accelerate import cpu_offload_with_hook
@@ -152,6 +165,8 @@ class LayoutRetouchPipeline:
                  latents: torch.Tensor | None = None, output_type: str = "pil",
                  save_intermediates: bool = False, **overrides) -> LayoutRetouchOutput:
         config = (config or self.config).replace(**overrides) if overrides else (config or self.config)
+        if config.compile_unet:
+            self.compile_unets(config.compile_unet)
         models = self.models
         n = num_images_per_prompt
         height, width = config.height or self.default_size()[0], config.width or self.default_size()[1]
@@ -471,5 +486,7 @@ def load_pipeline_from_args(args) -> LayoutRetouchPipeline:
         pipe.to(args.device)
     if getattr(args, "fuse_qkv", False):
         pipe.fuse_qkv_projections()
+    if getattr(args, "compile", None):
+        pipe.compile_unets(args.compile)
     return pipe
 

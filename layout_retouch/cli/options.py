@@ -113,6 +113,9 @@ def add_model_options(p: argparse.ArgumentParser, base_required: bool = True) ->
     g.add_argument("--fuse-qkv", action="store_true",
                    help="one matmul per attention layer for its projections (faster on GPUs; not with LoRA or "
                    "Custom Diffusion)")
+    g.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile the UNets (MODE: a torch.compile mode, e.g. max-autotune-no-cudagraphs; "
+                   "default: torch's default); the first image pays the compilation")
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
