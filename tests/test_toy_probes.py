@@ -84,7 +84,7 @@ def test_p1_bar_is_relative_to_its_baseline():
 def test_probes_report_every_headline_number(world, tmp_path):
     settings = ProbeSettings(seeds=2, steps=3)
     run = run_probes(settings, log=lambda text: None)
-    table = markdown_table({"shipped": run})
+    table = markdown_table({"shipped": run.results})
     for key in ("P1.median_center_distance_px", "P1.baseline_median_center_distance_px", "P1.scene_rate",
                 "P1b.median_center_distance_px", "P2.paper_layers_scene_agreement",
                 "P2.all_layers_scene_agreement", "P3.color_transfer_rate", "P4.min_block_contribution",

@@ -76,7 +76,7 @@ def run(args) -> int:
               "compared": {name: {**flat_values(r.results), **r.to_dict()} for name, r in list(runs.items())[1:]}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "probes.json", json.dumps(report, indent=1).encode())
-    table = markdown_table(runs)
+    table = markdown_table({name: r.results for name, r in runs.items()})
     atomic_write_bytes(out / "probes.md", table.encode())
     log(table)
     log(f"wrote {out / 'probes.json'} and {out / 'probes.md'}")

@@ -468,10 +468,10 @@ def passes(key: str, flat: dict[str, float]) -> bool | None:
     return flat[key] >= bar if op == ">=" else flat[key] <= bar
 
 
-def markdown_table(runs: dict[str, ProbeRun]) -> str:
-    """One row per probe value, one column per models folder; the bar and whether each passes it."""
-    names = list(runs)
-    values = {name: run.results for name, run in runs.items()}
+def markdown_table(values: dict[str, dict]) -> str:
+    """One row per probe value, one column per models folder (name -> its probes' results, as in
+    probes.json); the bar and whether each passes it."""
+    names = list(values)
     flats = {name: flat_values(r) for name, r in values.items()}
     keys = sorted({k for f in flats.values() for k in f}, key=lambda k: (k.split(".")[0], k))
     lines = ["| probe | " + " | ".join(names) + " | bar |", "| --- |" + " --- |" * (len(names) + 1)]
