@@ -7,7 +7,8 @@ bootstrap interval, measured by the toy world's oracles; `layout-retouch toy-pro
 
 - P1 structure: vanilla model, prompts A and B differing only in the scene, B from other noise than A;
   A's self-attention Q, K injected into B in every self-attention layer over the first half of the
-  steps (the method's early "map" swap): median subject-center distance B to A, with and without.
+  steps (the method's early "map" swap): median subject-center distance B to A, with and without;
+  also with A's whole self-attention layer outputs in place of B's (the "qkv" swap, an upper bound).
 - P1b the method's own case: the DreamBooth target from P_n and the layout's noise, the layout's Q, K in
   every self-attention layer over the first half: median distance of the target's subject to the layout's.
 - P2 blend bound: Stage 2 with M = 0 (the target takes the layout's self-attention layer outputs) in the
@@ -157,24 +158,31 @@ def noises(world: World, seeds: list[int], offset: int = 0) -> torch.Tensor:
 
 def probe_p1(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     timesteps = world.timesteps(s.steps)
-    injected, baseline, scene_kept = [], [], []
+    injected, baseline, scene_kept, outputs = [], [], [], []
     for variant, batch in groups(seeds, len(P1_PAIRS)):
         color, obj, scene_a, scene_b = P1_PAIRS[variant]
         a = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_a]}", False)
         b = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_b]}", False)
         za, zb = noises(world, batch), noises(world, batch, OTHER_NOISE)
         runs = {}
-        for name, plan in (("injected", early_map_plan(s.steps)), ("baseline", ControlPlan())):
+        # "outputs": the source's whole self-attention layer outputs instead of its Q, K (an upper bound)
+        outputs_plan = ControlPlan(early_swap="qkv", ref_start=s.steps // 2)
+        for name, plan in (("injected", early_map_plan(s.steps)), ("baseline", ControlPlan()),
+                           ("outputs", outputs_plan)):
             runs[name] = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), plan,
                                         timesteps, s.guidance)
         n = len(batch)
-        readings = world.read(torch.cat([runs["injected"][0], runs["injected"][1], runs["baseline"][1]]))
-        for read_a, read_b, read_base in zip(readings[:n], readings[n:2 * n], readings[2 * n:], strict=True):
+        readings = world.read(torch.cat([runs["injected"][0], runs["injected"][1], runs["baseline"][1],
+                                         runs["outputs"][1]]))
+        for i in range(n):
+            read_a, read_b, read_base, read_out = readings[i], readings[n + i], readings[2 * n + i], readings[3 * n + i]
             injected.append(distance(read_b.center, read_a.center))
             baseline.append(distance(read_base.center, read_a.center))
+            outputs.append(distance(read_out.center, read_a.center))
             scene_kept.append(read_b.scene == scene_b)
     return {"median_center_distance_px": interval(injected), "baseline_median_center_distance_px":
-            interval(baseline), "scene_rate": interval(scene_kept, np.mean)}
+            interval(baseline), "scene_rate": interval(scene_kept, np.mean),
+            "output_swap_median_center_distance_px": interval(outputs)}
 
 
 def _stage1(world: World, s: ProbeSettings, batch: list[int], scene: str, config: LayoutRetouchConfig):
