@@ -12,17 +12,7 @@
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu_session}
-mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-export HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
-    | tee -a "$out/device.txt"
+source benchmarks/gpu_setup.sh
 part=${PART:-all}
 if [ "$part" = all ] || [ "$part" = 1 ]; then
     timeout 140 python3 benchmarks/gpu_checks.py 2>&1 | grep -v Warning | tee "$out/gpu_checks.txt"

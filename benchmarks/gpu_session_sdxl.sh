@@ -6,14 +6,6 @@
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu_session_sdxl}
-mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-export HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+source benchmarks/gpu_setup.sh
 timeout 500 python3 benchmarks/speed.py --arch sdxl --device cuda --dtype fp16 --resolution 1024 --steps 50 \
     --prompts 2 --repeats 1 2>&1 | grep -v Warning | tee "$out/sdxl_fp16_1024px_50steps_2prompts.txt"

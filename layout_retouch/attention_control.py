@@ -422,10 +422,7 @@ class LayoutRetouchAttnProcessor:
             return out
         rows = target.rows
         whole = out is None or (rows.start == 0 and rows.stop == out.shape[0])
-        if swap_out:
-            target_out = layout["out"]
-        else:
-            target_out = out if whole else out[rows]
+        target_out = layout["out"] if swap_out else _take(out, rows)
         if blend:
             mask = controller.blend_mask(_layer_size(controller.latent_size, layer, target_out.shape[1]), target_out)
             if mask is not None:

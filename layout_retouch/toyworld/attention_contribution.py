@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,26 +19,35 @@ import torch
 from layout_retouch.toyworld.personalized_report import MODELS
 
 
+@contextmanager
+def transformer_block_hooks(unet, record: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Calls `record(name, block input, block output)` at every call of each Transformer2DModel of `unet`."""
+    def hook_for(name):
+        def hook(module, args, kwargs, output):
+            feature = args[0] if args else kwargs["hidden_states"]
+            record(name, feature, output[0] if isinstance(output, tuple) else output.sample)
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name), with_kwargs=True)
+               for name, module in unet.named_modules() if re.fullmatch(r".*attentions\.\d+", name)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def transformer_contributions(pipe, prompt: str, steps: int = 20, guidance: float = 5.0, seeds: int = 2) -> dict:
     """Mean over calls of |block output - block input| / |block input| for every Transformer2DModel."""
     ratios: dict[str, list[float]] = {}
 
-    def record(name):
-        def hook(module, args, kwargs, output):
-            feature = args[0] if args else kwargs["hidden_states"]
-            out = output[0] if isinstance(output, tuple) else output.sample
-            ratios.setdefault(name, []).append(((out - feature).float().norm() / feature.float().norm()).item())
-        return hook
+    def record(name, feature, out):
+        ratios.setdefault(name, []).append(((out - feature).float().norm() / feature.float().norm()).item())
 
-    handles = [module.register_forward_hook(record(name), with_kwargs=True)
-               for name, module in pipe.unet.named_modules() if re.fullmatch(r".*attentions\.\d+", name)]
-    try:
+    with transformer_block_hooks(pipe.unet, record):
         generator = [torch.Generator().manual_seed(s) for s in range(seeds)]
         pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
              num_images_per_prompt=seeds)
-    finally:
-        for handle in handles:
-            handle.remove()
     return {name: sum(values) / len(values) for name, values in ratios.items()}
 
 

@@ -46,7 +46,8 @@ def center_spread(centers: np.ndarray) -> np.ndarray:
     return np.sqrt(centers.var(axis=-2).sum(axis=-1))
 
 
-def _interval(point: float, samples: np.ndarray) -> dict:
+def percentile_interval(point: float, samples: np.ndarray) -> dict:
+    """`point` with the CONFIDENCE percentile interval of its bootstrap `samples` (NaN samples ignored)."""
     tail = (1 - CONFIDENCE) / 2 * 100
     lo, hi = np.nanpercentile(samples, [tail, 100 - tail])
     return {"mean": round(float(point), 4), "ci_low": round(float(lo), 4), "ci_high": round(float(hi), 4)}
@@ -74,15 +75,15 @@ def summarize(groups: dict[str, list[dict]], position_free: set[str] | None = No
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     resample = rng.integers(0, len(seeds), (BOOTSTRAP_SAMPLES, len(seeds)))  # (B, S) seed indices
     out = {
-        "prompt_fidelity": _interval(np.nanmean(fidelity), np.nanmean(fidelity[:, resample], axis=(0, 2))),
-        "identity": _interval(identity.mean(), identity[:, resample].mean(axis=(0, 2))),
+        "prompt_fidelity": percentile_interval(np.nanmean(fidelity), np.nanmean(fidelity[:, resample], axis=(0, 2))),
+        "identity": percentile_interval(identity.mean(), identity[:, resample].mean(axis=(0, 2))),
     }
     visible = np.array([[r["subject_pixels"] >= MIN_SUBJECT_PIXELS for r in groups[p]] for p in prompts], float)
-    out["subject_visible"] = _interval(visible.mean(), visible[:, resample].mean(axis=(0, 2)))
+    out["subject_visible"] = percentile_interval(visible.mean(), visible[:, resample].mean(axis=(0, 2)))
     if free and len(seeds) > 1:
         spread = center_spread(centers[free])  # (P,)
         boot = center_spread(centers[free][:, resample]).mean(axis=0)  # (P, B) -> (B,)
-        out["diversity"] = _interval(spread.mean(), boot)
+        out["diversity"] = percentile_interval(spread.mean(), boot)
         out["diversity"]["grid_entropy_bits"] = round(float(np.mean(
             [layout_diversity(centers[i].tolist())["grid_entropy_bits"] for i in free])), 4)
     else:

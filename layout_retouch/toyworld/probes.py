@@ -25,7 +25,6 @@ bootstrap interval, measured by the toy world's oracles; `layout-retouch toy-pro
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,12 +33,13 @@ import numpy as np
 import torch
 
 from layout_retouch.attention_control import LAYOUT, REFERENCE, TARGET, AttentionController, ControlPlan
+from layout_retouch.conditioning import Conditioning, PromptEncoder
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.layers import attention_layers, select_decoder_layers, select_map_layers
-from layout_retouch.sampling import Conditioning, PathInput, attention_control, encode_text, guided_eps
+from layout_retouch.sampling import PathInput, attention_control, guided_eps
 from layout_retouch.stage1_layout import LayoutTrajectory, step_blended_denoise
 from layout_retouch.stage2_retouch import MaskBuilder, RetouchConditioning, retouch
-from layout_retouch.toyworld.bench_stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, CONFIDENCE
+from layout_retouch.toyworld.bench_stats import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, percentile_interval
 from layout_retouch.toyworld.scene import CLASSES, SCENES
 from layout_retouch.toyworld.world import CLASS_WORD, DREAMBOOTH, ORACLES, TOKEN, TOY_METHOD, TOY_MODELS, VANILLA
 
@@ -64,13 +64,10 @@ class ProbeSettings:
 def interval(values, statistic: Callable[[np.ndarray], float] = np.median) -> dict:
     """The statistic over seeds, with a percentile-bootstrap interval (resampling the seeds)."""
     values = np.asarray(values, dtype=float)
-    point = float(statistic(values))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     samples = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(BOOTSTRAP_SAMPLES)]
-    tail = (1 - CONFIDENCE) / 2 * 100
-    lo, hi = np.percentile(samples, [tail, 100 - tail])
-    return {"value": round(point, 4), "ci_low": round(float(lo), 4), "ci_high": round(float(hi), 4),
-            "n": int(len(values))}
+    found = percentile_interval(statistic(values), np.asarray(samples))
+    return {"value": found["mean"], "ci_low": found["ci_low"], "ci_high": found["ci_high"], "n": int(len(values))}
 
 
 def distance(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -96,14 +93,13 @@ class World:
         self.pair = self.pipe.models
         self.latent_shape = (self.pair.pipe.unet.config.in_channels,
                              *(s // self.pipe.vae_scale_factor for s in self.pipe.default_size()))
+        self.prompts = PromptEncoder(self.pair, self.pipe.default_size())
 
     def conditioning(self, text: str, personalized: bool, subject: tuple[str, ...] = ()) -> Conditioning:
         from layout_retouch.prompts import subject_token_indices
 
-        _, encoder = self.pair.select(personalized)
-        tokenizer = self.pair.tokenizer
-        return Conditioning(encode_text(tokenizer, encoder, text), encode_text(tokenizer, encoder, ""),
-                            subject_token_indices(tokenizer, text, list(subject)) if subject else [])
+        tokens = subject_token_indices(self.pair.tokenizer, text, list(subject)) if subject else []
+        return self.prompts.guided(text, personalized, tokens)
 
     def noise(self, seed: int) -> torch.Tensor:
         return torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(seed))
@@ -302,27 +298,19 @@ def probe_p3(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
 
 def block_contributions(world: World, s: ProbeSettings, seeds: list[int]) -> dict[str, list[float]]:
     """Per transformer block, per seed: mean over steps of |out - in| / |in| (both CFG halves)."""
-    unet = world.pair.pipe.unet
+    from layout_retouch.toyworld.attention_contribution import transformer_block_hooks
+
     per_call: dict[str, list[torch.Tensor]] = {}
 
-    def record(name):
-        def hook(module, args, kwargs, output):
-            feature = (args[0] if args else kwargs["hidden_states"]).float()
-            out = (output[0] if isinstance(output, tuple) else output.sample).float()
-            ratio = (out - feature).flatten(1).norm(dim=1) / feature.flatten(1).norm(dim=1)
-            per_call.setdefault(name, []).append(ratio)
-        return hook
+    def record(name, feature, out):
+        feature, out = feature.float(), out.float()
+        per_call.setdefault(name, []).append((out - feature).flatten(1).norm(dim=1) / feature.flatten(1).norm(dim=1))
 
-    names = [name for name, _ in unet.named_modules() if re.fullmatch(r".*attentions\.\d+", name)]
-    handles = [unet.get_submodule(name).register_forward_hook(record(name), with_kwargs=True) for name in names]
     timesteps = world.timesteps(s.steps)
-    try:
+    with transformer_block_hooks(world.pair.pipe.unet, record):
         cond = world.conditioning("a photo of a red ball on the beach", False)
         z = torch.cat([world.noise(seed) for seed in seeds])
         step_blended_denoise(world.pair, z, timesteps, s.steps, cond, cond, s.guidance, progress=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     n = len(seeds)  # rows: the unconditional halves, then the conditional; a seed's value is their mean
     return {name: [float(v) for v in (torch.stack(calls).mean(0).view(2, n).mean(0))]
             for name, calls in per_call.items()}
