@@ -20,6 +20,7 @@ from layout_retouch.toyworld.probes import (
     markdown_table,
     passes,
     run_probes,
+    source_outputs_in_target,
 )
 
 torch.set_num_threads(1)
@@ -88,7 +89,8 @@ def test_probes_report_every_headline_number(world, tmp_path):
     for key in ("P1.median_center_distance_px", "P1.baseline_median_center_distance_px", "P1.scene_rate",
                 "P1b.median_center_distance_px", "P2.paper_layers_scene_agreement",
                 "P2.all_layers_scene_agreement", "P3.color_transfer_rate", "P4.min_block_contribution",
-                "P5.final_iou"):
+                "P5.final_iou", "P6.baseline_median_center_distance_px",
+                "P6.self_attention_16_median_center_distance_px", "P6.stream_4_median_center_distance_px"):
         assert f"| {key} |" in table
     p4 = run.results["P4"]
     assert p4["min_block_contribution"]["value"] == pytest.approx(min(p4["blocks"].values()), abs=1e-3)
@@ -116,3 +118,30 @@ def test_command_writes_json_and_table(tmp_path, capsys):
     assert isinstance(report["P1.median_center_distance_px"], float) and "P1b" not in report
     assert "| P4.min_block_contribution |" in (out / "probes.md").read_text()
     assert main(["toy-probes", "--out", str(out), "--probes", "P4"]) == 2  # never overwritten silently
+
+
+def test_routing_swap_gives_the_target_the_sources_outputs_at_one_resolution(world):
+    """P6's swap: while active, the chosen kind of module at the chosen side returns the source's rows for the
+    target's; other sides and inactive steps are left alone."""
+    unet = world.pair.pipe.unet
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output
+        return hook
+
+    names = {name: m for name, m in unet.named_modules() if name.endswith("transformer_blocks.0.attn1")}
+    z = torch.cat([world.noise(0), world.noise(500)])
+    text = world.conditioning("a photo of a red star on the beach", False).cond.expand(2, -1, -1)
+    for active in (True, False):
+        with source_outputs_in_target(unet, r".*attn1", 16, lambda active=active: active):
+            handles = [m.register_forward_hook(keep(name)) for name, m in names.items()]
+            try:
+                unet(z, 500, encoder_hidden_states=text)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        for name, out in seen.items():
+            side16 = out.shape[1] == 256
+            assert torch.equal(out[0], out[1]) == (active and side16), name

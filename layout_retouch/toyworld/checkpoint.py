@@ -29,11 +29,12 @@ def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optim
 
 
 def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer) -> int:
-    """Restore modules and optimizer from `path`; returns the step it was saved at."""
+                    optimizer: torch.optim.Optimizer, device: str | torch.device = "cpu") -> int:
+    """Restore modules and optimizer (its moments on `device`, beside the parameters) from `path`; returns
+    the step it was saved at."""
     from safetensors import safe_open
 
-    tensors = load_file(str(path))
+    tensors = load_file(str(path), device=str(device))
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -21,11 +21,19 @@ bootstrap interval, measured by the toy world's oracles; `layout-retouch toy-pro
 - P4 what each transformer block adds to the feature map it sits on, |out - in| / |in|.
 - P5 mask quality: the layout is a DDIM-inverted render, whose true subject mask the renderer knows;
   IoU, precision and recall of M_ca, M_sam, their union and the final M against it, per step.
+- P6 routing, a diagnostic without a bar: where does the subject's place enter the UNet? P1's pair with no
+  attention control; B takes A's outputs of one kind of module (self-attention, cross-attention, or the
+  resnets, i.e. the residual stream) at one resolution over the first half of the steps: median distance
+  B to A for each. A kind and level that carries the place pulls B's subject onto A's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,7 +65,7 @@ class ProbeSettings:
     seeds: int = 16  # issue 14: intervals over at least 16 seeds
     steps: int = 30  # DDIM steps (the toy world's quality report samples with 30)
     guidance: float = 5.0  # CFG of the toy world's quality report
-    probes: tuple[str, ...] = ("P1", "P1b", "P2", "P3", "P4", "P5")
+    probes: tuple[str, ...] = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6")
 
 
 # ------------------------------------------------------------------ statistics
@@ -323,6 +331,61 @@ def probe_p4(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
             "blocks": {name: round(float(np.mean(v)), 4) for name, v in blocks.items()}}
 
 
+
+# P6's kinds of module, by name in a diffusers UNet: each transformer block's self- and cross-attention, and
+# the resnets (whose outputs are the residual stream itself).
+ROUTES = {"self_attention": r".*transformer_blocks\.\d+\.attn1", "cross_attention": r".*transformer_blocks\.\d+\.attn2",
+          "stream": r".*resnets\.\d+"}
+
+
+@contextmanager
+def source_outputs_in_target(unet, pattern: str, side: int, active: Callable[[], bool]) -> Iterator[None]:
+    """While `active()`, every module of `unet` named like `pattern` whose feature map is side x side returns,
+    for the second half of its batch (the target's rows: `World.lockstep` puts the source's first), the
+    first half's output."""
+    def hook(module, args, output):
+        tokens = output.shape[1] if output.dim() == 3 else output.shape[-1] * output.shape[-2]
+        if not active() or math.isqrt(tokens) != side:
+            return output
+        n = output.shape[0] // 2
+        return torch.cat([output[:n], output[:n]])
+
+    handles = [m.register_forward_hook(hook) for name, m in unet.named_modules() if re.fullmatch(pattern, name)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
+    unet = world.pair.pipe.unet
+    sides = [world.latent_shape[1] // 2 ** i for i in range(len(unet.config.block_out_channels))]
+    timesteps = world.timesteps(s.steps)
+    runs = {"baseline": None, **{f"{kind}_{side}": (pattern, side) for kind, pattern in ROUTES.items()
+                                 for side in sides}}
+    distances: dict[str, list[float]] = {name: [] for name in runs}
+    for variant, batch in groups(seeds, len(P1_PAIRS)):
+        color, obj, scene_a, scene_b = P1_PAIRS[variant]
+        a = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_a]}", False)
+        b = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_b]}", False)
+        za, zb = noises(world, batch), noises(world, batch, OTHER_NOISE)
+        for name, route in runs.items():
+            controller = AttentionController(ControlPlan(), latent_size=world.latent_shape[1:])
+
+            def early(controller=controller):
+                return controller.step < s.steps // 2
+
+            swap = source_outputs_in_target(unet, *route, early) if route else contextlib.nullcontext()
+            with swap:
+                src, tgt = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b),
+                                          ControlPlan(), timesteps, s.guidance, controller)
+            readings = world.read(torch.cat([src, tgt]))
+            n = len(batch)
+            distances[name] += [distance(readings[n + i].center, readings[i].center) for i in range(n)]
+    return {f"{name}_median_center_distance_px": interval(values) for name, values in distances.items()}
+
+
 def probe_p5(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     """The layout path replays the DDIM inversion of a render of the personal star in a scene (its true mask
     known); the target runs the full method (V) from P_n; its masks are compared with the truth."""
@@ -403,7 +466,8 @@ def _overlap(mask: np.ndarray, truth: np.ndarray) -> list[float]:
             inter / truth.sum() if truth.sum() else 1.0]
 
 
-PROBES = {"P1": probe_p1, "P1b": probe_p1b, "P2": probe_p2, "P3": probe_p3, "P4": probe_p4, "P5": probe_p5}
+PROBES = {"P1": probe_p1, "P1b": probe_p1b, "P2": probe_p2, "P3": probe_p3, "P4": probe_p4, "P5": probe_p5,
+          "P6": probe_p6}
 NEEDS_DREAMBOOTH = {"P1b", "P2", "P5"}
 
 

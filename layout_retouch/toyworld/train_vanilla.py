@@ -169,9 +169,9 @@ def encode_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
                    for i in range(start, min(n, start + chunk))]
         specs += [s.spec for s in samples]
         with torch.no_grad():
-            dist = vae.encode(to_tensor([s.image for s in samples])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+            dist = vae.encode(to_tensor([s.image for s in samples]).to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     if cache is not None:
         save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(stem.with_suffix(".safetensors")))
@@ -222,13 +222,16 @@ def continue_from(folder: Path, modules: dict[str, torch.nn.Module]) -> int:
 
 def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
                max_minutes: float | None = None, grow_from: Path | None = None,
-               init_from: Path | None = None) -> None:
-    """Train until `recipe.steps`, or until `max_minutes` have passed (then save the step reached)."""
+               init_from: Path | None = None, device: str = "cpu") -> None:
+    """Train until `recipe.steps`, or until `max_minutes` have passed (then save the step reached).
+
+    On another `device` the random draws are the CPU's (made there, then moved), so a run differs from a
+    CPU run only by the device's arithmetic."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval().to(device)
     make_unet = UNET_ARCHITECTURES[recipe.arch]
     unet, ema_unet = make_unet(), make_unet()
     ema_unet.load_state_dict(unet.state_dict())
@@ -245,11 +248,13 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
         ema_text.load_state_dict(text_encoder.state_dict())
         params = list(unet.parameters()) + list(text_encoder.parameters())
         modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    for module in {id(m): m for m in (unet, ema_unet, text_encoder, ema_text)}.values():
+        module.to(device)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     ckpt = work / "unet_checkpoint.safetensors"
     fresh_moments_from = None
     if ckpt.exists():
-        step = load_checkpoint(ckpt, modules, opt)
+        step = load_checkpoint(ckpt, modules, opt, device=device)
     elif grow_from is not None:
         step = grow(grow_from, modules, opt)
     elif init_from is not None:
@@ -260,7 +265,7 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0, cache=work)
     scale = vae.config.scaling_factor
     noise_sched = train_scheduler()
-    alphas = noise_sched.alphas_cumprod
+    alphas = noise_sched.alphas_cumprod.to(device)
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 7919 + step)
     ema_params = list(ema_unet.parameters()) + ([] if ema_text is text_encoder else list(ema_text.parameters()))
@@ -277,10 +282,11 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
         idx = rng.integers(0, len(specs), recipe.batch)
         texts = ["" if rng.random() < recipe.caption_dropout else caption(specs[i], rng, drop=drop) for i in idx]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+                        truncation=True, return_tensors="pt").input_ids.to(device)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (recipe.batch,), generator=gen)
+        latents, noise, t = latents.to(device), noise.to(device), t.to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
@@ -305,6 +311,8 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
             break
     save_checkpoint(ckpt, modules, opt, done)
     (work / "unet_steps.txt").write_text(f"{done}\n")
+    for module in (vae, ema_unet, ema_text):
+        module.to("cpu")
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet, scheduler=sample_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -379,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export", action="store_true",
                         help="only write the EMA weights of --work's checkpoint as the pipeline in --out")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu", help="where the UNet stage trains (cuda on a GPU machine; "
+                        "the data and the random draws are made on the CPU either way)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop the UNet stage after this long (resume continues up to --unet-steps)")
     parser.add_argument("--grow-from", type=Path, default=None,
@@ -389,15 +399,18 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    if args.export:
-        step = export_checkpoint(args.work, args.out, args.arch, args.text_encoder_from)
-        print(f"exported the EMA weights of step {step} to {args.out}", flush=True)
-        return
     if args.vae_from is not None:
         import shutil
 
         shutil.copytree(args.vae_from / "vae", args.out / "vae", dirs_exist_ok=True)
-    elif args.stage in ("vae", "all"):
+    if args.export:
+        if not (args.out / "vae" / "config.json").exists():
+            parser.error(f"--export writes the UNet next to a VAE: {args.out / 'vae'} has none; "
+                         "pass --vae-from FOLDER (a pipeline folder with vae/)")
+        step = export_checkpoint(args.work, args.out, args.arch, args.text_encoder_from)
+        print(f"exported the EMA weights of step {step} to {args.out}", flush=True)
+        return
+    if args.vae_from is None and args.stage in ("vae", "all"):
         recipe = VaeRecipe(steps=args.vae_steps)
         if args.pool:
             recipe.pool = args.pool
@@ -407,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                             scene_drop=args.scene_drop, text_encoder_from=args.text_encoder_from)
         if args.pool:
             recipe.pool = args.pool
-        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from, args.init_from)
+        train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from, args.init_from,
+                   args.device)
     print(f"stage {args.stage} done in {time.time() - start:.0f} s", flush=True)
 
 
