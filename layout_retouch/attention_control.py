@@ -5,7 +5,9 @@ unconditional and a conditional half, side by side. The controller says which ro
 which step it is, and what the target does at each layer; the processor computes every path's
 attention and, for the target, swaps in the layout's or reference's queries, keys and values
 (ALGORITHM.md, Stage 2). Sources computed in an earlier call of the same step (a path that ran
-through another model) are kept in the controller's per-step store.
+through another model) are kept in the controller's per-step store. A call can also carry two runs at
+different steps (Stage 2's first steps riding in Stage 1's calls): each has its controller and its rows
+(`AttentionController.shared`), and the processor applies each controller's rules to its own rows.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class AttentionController:
         # Optional callable(controller, layer, role, tensors) seeing every source path's self-attention;
         # `tensors` gives "q", "k", "v", "out" of the path's rows (unconditional half, then conditional).
         self.recorder = None
+        # Set by the loop for a UNet call that carries other runs' rows too (sampling.shared_guided_eps): each
+        # run's controller and its rows in the batch, in order. The processors are this controller's.
+        self.shared: list[tuple[AttentionController, slice]] | None = None
 
     # --- the loop tells the controller where it is
     def begin_step(self, step: int) -> None:
@@ -326,32 +331,53 @@ class LayoutRetouchAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        controller = self.controller
-        controlled = not self.layer.cross and controller.paths and attention_mask is None
-        if controlled:
-            out, here = self._attend(query, key, value)
+        # The controllers whose rows this call holds: one, or several runs sharing the call (their rows in order).
+        parts = self.controller.shared
+        if parts is None:
+            parts = ((self.controller, None),)
+            results = [self._attention(self.controller, attn, query, key, value, attention_mask)]
+        elif self.layer.cross or attention_mask is not None:  # no rule applies here: one attention for all rows
+            results = [(F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask), {}, False)]
+            for controller, rows in parts:
+                if self.layer.cross and controller.wants_maps(self.layer):
+                    self._maps(controller, attn, query[rows], key[rows])
+            parts = ((None, None),)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-            if self.layer.cross and controller.wants_maps(self.layer):
-                if controller.plan.batch_maps:
-                    size = _layer_size(controller.latent_size, self.layer, query.shape[2])
-                    controller.defer_maps(query, key, attn.scale, size)
-                else:
-                    self._record_maps(attn, query, key)
-
-        if out is not None:
-            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-            out = attn.to_out[1](attn.to_out[0](out))
-        if controlled:  # the layer's output h, after its projection: what sources lend and the blend mixes
-            out = self._lend_and_blend(here, out, query.device)
+            results = [self._attention(controller, attn, query[rows], key[rows], value[rows], None)
+                       for controller, rows in parts]
+        outs = _project_out(attn, [out for out, _, _ in results], query.dtype)
+        for i, ((controller, _), (_, here, controlled)) in enumerate(zip(parts, results, strict=True)):
+            if controlled:  # the layer's output h, after its projection: what sources lend and the blend mixes
+                outs[i] = self._lend_and_blend(controller, here, outs[i], query.device)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _record_maps(self, attn, query, key) -> None:
-        controller = self.controller
+    def _attention(self, controller: AttentionController, attn, query, key, value, attention_mask
+                   ) -> tuple[torch.Tensor | None, dict, bool]:
+        """One controller's rows (all of the call's, or its part of a shared call): the attention before the
+        output projection, the sources it lends, and whether the rules apply (a self-attention layer)."""
+        controlled = bool(not self.layer.cross and controller.paths and attention_mask is None)
+        if controlled:
+            out, here = self._attend(controller, query, key, value)
+            return out, here, True
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        if self.layer.cross and controller.wants_maps(self.layer):
+            self._maps(controller, attn, query, key)
+        return out, {}, False
+
+    def _maps(self, controller: AttentionController, attn, query, key) -> None:
+        """A map layer's subject maps of the controller's rows: deferred to the call's batch, or made now."""
+        if controller.plan.batch_maps:
+            controller.defer_maps(query, key, attn.scale, _layer_size(controller.latent_size, self.layer,
+                                                                      query.shape[2]))
+        else:
+            self._record_maps(controller, attn, query, key)
+
+    def _record_maps(self, controller: AttentionController, attn, query, key) -> None:
         for path in controller.paths.values():
             tokens = controller.subject_tokens.get(path.role)
             if not tokens:
@@ -362,13 +388,13 @@ class LayoutRetouchAttnProcessor:
             h, w = _layer_size(controller.latent_size, self.layer, subject.shape[-1])
             controller.add_maps(path.role, subject.view(-1, h, w))
 
-    def _attend(self, query, key, value) -> tuple[torch.Tensor | None, dict]:
+    def _attend(self, controller: AttentionController, query, key, value) -> tuple[torch.Tensor | None, dict]:
         """Every path's attention before the output projection, the target's with the swaps of Q, K, V.
 
         Returns it (None where nothing is left to project: a target alone whose output the layout's
         replaces) and the sources of this call, whose "out" the projection fills in.
         """
-        controller, layer, plan = self.controller, self.layer, self.controller.plan
+        layer, plan = self.layer, controller.plan
         early = controller.early_swap_active()
         reference = controller.reference_active(layer)
         target = controller.paths.get(TARGET)
@@ -400,10 +426,11 @@ class LayoutRetouchAttnProcessor:
         out[rows] = target_out
         return out, here
 
-    def _lend_and_blend(self, here: dict, out: torch.Tensor | None, device) -> torch.Tensor:
+    def _lend_and_blend(self, controller: AttentionController, here: dict, out: torch.Tensor | None,
+                        device) -> torch.Tensor:
         """Hand this call's sources (with their layer outputs) to the recorder and the step's store, then
         give the target the layout's output ("qkv" swap) or blend it in: h_T <- M * h_T + (1 - M) * h_L."""
-        controller, layer, plan = self.controller, self.layer, self.controller.plan
+        layer, plan = self.layer, controller.plan
         for rows in here.values():
             rows.tensors["out"] = out
         if controller.recorder is not None:
@@ -446,6 +473,17 @@ def _project(attn, hidden_states, context, self_attention: bool):
         if not self_attention and hasattr(attn, "to_kv"):
             return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
     return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+
+def _project_out(attn, outs: list[torch.Tensor | None], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Each part's attention (rows, heads, tokens, head dim) through the output projection, in one matmul where
+    a call's parts all have one (None stays None: a part whose output a swap replaces)."""
+    flat = [None if o is None else o.transpose(1, 2).reshape(o.shape[0], -1, o.shape[1] * o.shape[3]).to(dtype)
+            for o in outs]
+    if len(flat) > 1 and all(o is not None for o in flat):
+        whole = attn.to_out[1](attn.to_out[0](torch.cat(flat)))
+        return list(whole.split([o.shape[0] for o in flat]))
+    return [None if o is None else attn.to_out[1](attn.to_out[0](o)) for o in flat]
 
 
 def _per_half(tensor: torch.Tensor, n: int) -> torch.Tensor:

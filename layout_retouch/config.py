@@ -30,7 +30,7 @@ METHOD_NAMES: dict[str, Method] = {
 # optimization must reproduce (tests/test_performance.py, benchmarks/speed.py, benchmarks/gpu_checks.py).
 STRAIGHTFORWARD: dict[str, bool] = dict(record_layout_features=False, cache_reference_features=False,
                                         skip_replaced_attention=False, share_inversion_calls=False,
-                                        batch_subject_maps=False)
+                                        batch_subject_maps=False, pipeline_stages=False)
 
 
 @dataclass
@@ -133,6 +133,10 @@ class LayoutRetouchConfig:
     # The subject maps of a UNet call's map layers in one batched matmul and softmax when first read, not
     # layer by layer: about 60 fewer operators per call (kernel launches on a GPU), the same maps.
     batch_subject_maps: bool = True
+    # Pipeline the stages: Stage 2's steps before S_mask (which need no mask, so not the final layout) ride in
+    # Stage 1's UNet calls on the same model, each a step behind the layout step it borrows from (a timestep per
+    # row); only the steps from S_mask on, and any that cannot ride, take calls of their own. The same images.
+    pipeline_stages: bool = True
 
     # Baselines' hyperparameters that differ from their defaults, per baseline: {"freeu": {"b1": 1.5}}; the
     # defaults and their sources are in each baseline's config dataclass (layout_retouch/baselines/).

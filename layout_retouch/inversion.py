@@ -162,6 +162,10 @@ class InversionLatents(Sequence):
     def __len__(self) -> int:
         return len(self.inversion.timesteps) + 1
 
+    def ready(self, k: int) -> bool:
+        """Whether latent k is inverted already (reading it would not take steps of its own)."""
+        return len(self.inversion.states) > len(self) - 1 - (k % len(self))
+
     def __getitem__(self, k):
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]

@@ -53,7 +53,7 @@ from layout_retouch.source_features import (
     weights_signature,
 )
 from layout_retouch.stage1_layout import LayoutTrajectory, step_blended_denoise
-from layout_retouch.stage2_retouch import MaskBuilder, RetouchConditioning, retouch
+from layout_retouch.stage2_retouch import MaskBuilder, Retouch, RetouchConditioning
 from layout_retouch.vae import vae_precision
 
 
@@ -219,13 +219,45 @@ class LayoutRetouchPipeline:
                                                   latent_size=latent_size,
                                                   keep_map_history=save_intermediates)
             layout_recorder.recorder = layout_features
+
+        def prepare_retouch(layout: LayoutTrajectory | None) -> tuple[Retouch, ReferenceRecorder | None]:
+            """Stage 2's controller, recorded sources and run (before Stage 1 where Stage 2 rides in its calls)."""
+            nonlocal reference
+            if inversion is not None and config.share_inversion_calls:  # the steps Stage 1 does not carry ride
+                # in Stage 2's calls (or in calls of their own where the reference reads first)
+                reference = InversionTrajectory(InversionLatents(inversion.steps, models.select(True)[0]),
+                                                timesteps, inversion.key)
+            elif inversion is not None:
+                reference = self.finish_reference_inversion(inversion)
+            controller = AttentionController(plan, latent_size=latent_size, keep_map_history=save_intermediates)
+            if layout_features is not None:
+                controller.features[LAYOUT] = layout_features.features
+            reference_features, reference_recorder = self.reference_features(
+                config, plan, cond.neutral, reference, latent_size, save_intermediates, homes[0])
+            if reference_features is not None:
+                controller.features[REFERENCE] = reference_features
+            controller.recorder = reference_recorder
+            run = Retouch(models, config, controller, cond, latents.clone(), timesteps, layout, reference,
+                          self.progress, reference_from=reference_recorder.start if reference_recorder else 0,
+                          inversion=inversion.steps if inversion is not None and config.share_inversion_calls
+                          else None, uses_layout=config.uses_layout_path)
+            return run, reference_recorder
+
+        # Stage 2's steps before S_mask ride in Stage 1's calls (config.pipeline_stages; Retouch.ride says which).
+        stage2 = reference_recorder = None
+        if config.pipeline_stages and config.uses_layout_path and config.layout_source == "replay":
+            stage2, reference_recorder = prepare_retouch(None)
+            if layout_recorder is None:  # its processors serve both stages' rows
+                layout_recorder = AttentionController(ControlPlan(batch_maps=config.batch_subject_maps),
+                                                      latent_size=latent_size)
         trajectory = None
         if config.method != "III":
             with attention_control(models.unets(), layout_recorder):
                 trajectory = step_blended_denoise(
                     models, latents, timesteps, config.num_vanilla_steps, cond.vanilla, cond.personalized,
                     config.guidance_scale, config.eta, layout_recorder, self.progress,
-                    inversion.steps if inversion is not None and config.share_inversion_calls else None)
+                    inversion.steps if inversion is not None and config.share_inversion_calls else None,
+                    rider=stage2)
         layout_images = self.decode(trajectory.latents[-1], "pil") if trajectory is not None else None
         output = LayoutRetouchOutput(images=[], layout_images=layout_images, prompts=prompts,
                                      config=config.to_dict(), trajectory=trajectory)
@@ -237,35 +269,25 @@ class LayoutRetouchPipeline:
             return output
 
         # Stage 2: retouch with the reference's appearance.
-        riding = None
-        if inversion is not None and config.share_inversion_calls:  # the steps Stage 1 did not carry ride in
-            riding = inversion.steps  # Stage 2's calls (or in calls of their own where the reference reads first)
-            reference = InversionTrajectory(InversionLatents(riding, models.select(True)[0]), timesteps, inversion.key)
-        elif inversion is not None:
-            reference = self.finish_reference_inversion(inversion)
-        output.reference_image = ref_image
-        output.reference_reconstruction = self.reference_reconstruction(reference)
         layout = None
         if config.uses_layout_path:
             layout = trajectory if config.layout_source == "replay" else self.invert_layout(trajectory, timesteps)
-        controller = AttentionController(plan, latent_size=latent_size, keep_map_history=save_intermediates)
-        if layout_features is not None:
-            controller.features[LAYOUT] = layout_features.features
-        reference_features, reference_recorder = self.reference_features(
-            config, plan, cond.neutral, reference, latent_size, save_intermediates, homes[0])
-        if reference_features is not None:
-            controller.features[REFERENCE] = reference_features
-        controller.recorder = reference_recorder
+        if stage2 is None:
+            stage2, reference_recorder = prepare_retouch(layout)
+        stage2.layout = layout
+        controller = stage2.controller
+        riding = stage2.inversion
+        output.reference_image = ref_image
+        output.reference_reconstruction = self.reference_reconstruction(reference)
         masks = None
         if config.uses_mask_blending:
             sam = self.segment_layouts(layout_images, layout_recorder.run_map(LAYOUT), latent_size, config)
             masks = MaskBuilder(sam, config, latent_size)
             controller.blend_mask_fn = masks
         with attention_control(models.unets(), controller):
-            result = retouch(models, config, controller, cond, latents.clone(), timesteps, layout, reference,
-                             self.progress, reference_from=reference_recorder.start if reference_recorder else 0,
-                             inversion=riding)
-        if riding is not None:  # done by now (Stage 2 has as many calls as steps): cached on disk
+            result = stage2.run()
+        if riding is not None:  # done by now (Stage 2 has a call of its own per step beside a vanilla-model
+            # step at least), else its last steps alone; cached on disk
             reference = self.finish_reference_inversion(inversion)
         if layout_features is not None and config.release_used_features:  # not held through the decode
             layout_features.features.entries.clear()
@@ -278,6 +300,7 @@ class LayoutRetouchPipeline:
             for name in ("m_ca", "m_sam", "cleaned", "union", "final"):
                 output.masks[name] = np.stack([getattr(m, name) for m in masks.last])
         if controller.history is not None:
+            reference_features = controller.features.get(REFERENCE)
             if reference_features is not None and reference_features.maps:
                 controller.history[REFERENCE] = reference_features.maps
             for role in (REFERENCE, TARGET):
@@ -329,11 +352,11 @@ class LayoutRetouchPipeline:
                            home: torch.device | None = None) -> tuple[SourceFeatures | None, ReferenceRecorder | None]:
         """The reference path's K/V per step and layer: cached once per concept, or a recorder to fill the cache.
 
-        On a miss the reference runs inside this call's Stage 2 (from the step before S_ref, which lends
-        its subject map) and the recorder keeps what later calls need, so no separate pass runs. The key
-        covers everything they depend on: the personalized UNet's weights, the reference's inverted latents
-        (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and subject tokens, the
-        plan's steps and layers, dtype, device and where they are kept.
+        On a miss the reference runs inside this call's Stage 2 (from S_ref, or the step before where that
+        lends its subject map: `reference_start`) and the recorder keeps what later calls need, so no separate
+        pass runs. The key covers everything they depend on: the personalized UNet's weights, the reference's
+        inverted latents (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and subject
+        tokens, the plan's steps and layers, dtype, device and where they are kept.
         """
         if not config.cache_reference_features or plan.ref_start is None:
             return None, None
@@ -342,7 +365,7 @@ class LayoutRetouchPipeline:
         size = reference_feature_bytes(plan, unet, latent_size, steps, reference.latents[-1].element_size())
         if not fits(size, config.reference_feature_budget_mb):
             return None, None
-        start = 0 if with_maps else max(0, plan.ref_start - 1)
+        start = 0 if with_maps else reference_start(plan, unet)
         key = "|".join([
             # the inversion's cache key names what its latents are computed from (they may not all exist yet)
             weights_signature(unet), reference.key or tensor_digest(*reference.latents),
@@ -470,6 +493,22 @@ class LayoutRetouchPipeline:
             small = resize_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None], latent_size)[0]
             masks.append((small > 0.5).numpy())
         return np.stack(masks)
+
+
+def reference_start(plan: ControlPlan, unet) -> int:
+    """The first step at which the reference path must run for the steps that borrow from it (S_ref on).
+
+    At S_ref its keys are restricted to its subject by its subject map of the step so far (the map layers
+    already run in that call), or of the step before where no map layer runs before the first reference
+    layer (then the reference runs from S_ref - 1 too). In SD 1.x/2.x, SDXL and the test UNets the map layers
+    come first, so the step before is not needed: the same keys, two rows fewer per concept.
+    """
+    order = [layer.name for layer in attention_layers(unet)]
+    maps = [i for i, name in enumerate(order) if name in plan.map_layers]
+    refs = [i for i, name in enumerate(order) if name in plan.ref_layers]
+    if not plan.ref_subject_only or not maps or not refs or min(maps) < min(refs):
+        return plan.ref_start
+    return max(0, plan.ref_start - 1)
 
 
 def load_pipeline_from_args(args) -> LayoutRetouchPipeline:

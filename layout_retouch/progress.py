@@ -31,3 +31,31 @@ def _report(steps: Iterable[T], desc: str, callback: ProgressCallback) -> Iterat
     for done, step in enumerate(steps, start=1):
         yield step
         callback(desc, done, total)
+
+
+class StepReport:
+    """`track` for a loop that is not a `for` over its steps: Stage 2, whose first steps may ride in Stage 1's
+    calls (stage2_retouch.Retouch). `advance()` after each step; the report starts with the first."""
+
+    def __init__(self, desc: str, total: int, progress: Progress):
+        self.desc, self.total, self.progress = desc, total, progress
+        self.done, self.bar = -1, None
+
+    def start(self) -> None:
+        if self.done >= 0:
+            return
+        self.done = 0
+        if callable(self.progress):
+            self.progress(self.desc, 0, self.total)
+        else:
+            self.bar = tqdm(total=self.total, desc=self.desc, disable=not self.progress, leave=False)
+
+    def advance(self) -> None:
+        self.start()
+        self.done += 1
+        if callable(self.progress):
+            self.progress(self.desc, self.done, self.total)
+        else:
+            self.bar.update(1)
+            if self.done >= self.total:
+                self.bar.close()

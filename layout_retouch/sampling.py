@@ -45,40 +45,72 @@ class PathInput:
 def guided_eps(pair: ModelPair, paths: list[PathInput], t, guidance_scale: float,
                controller: AttentionController | None = None) -> dict[str, torch.Tensor]:
     """Classifier-free-guided noise for the paths that want it, one UNet call per model."""
+    return shared_guided_eps(pair, [(paths, controller)], t, guidance_scale)[0]
+
+
+@torch.no_grad()
+def shared_guided_eps(pair: ModelPair, runs: list[tuple[list[PathInput], AttentionController | None]], t,
+                      guidance_scale: float) -> list[dict[str, torch.Tensor]]:
+    """`guided_eps` for several runs at once: each run's paths that use the same model share one UNet call.
+
+    Each run has its own controller (its step, rules and recorders) and its own roles; a path of a run other
+    than the first gives its own `timestep` where it is not `t`. The processors are the first run's
+    controller's: it tells them which rows are whose (`AttentionController.shared`). Returns each run's noise.
+    """
     if pair.one_unet:  # the models differ in their text only: one call
-        groups = [paths]
+        models = [None]
     else:
-        groups = [g for g in ([p for p in paths if not p.personalized], [p for p in paths if p.personalized]) if g]
-    groups.sort(key=lambda g: any(p.role == TARGET for p in g))  # sources first
-    result = {}
-    for group in groups:
-        unet, _ = pair.select(group[0].personalized)
-        rows, offset = [], 0
-        per_path = [p.embeddings() for p in group]
-        for p, halves in zip(group, per_path, strict=True):  # each path's unconditional half, then its conditional
-            rows.append(PathRows(p.role, offset, offset + len(halves) * p.latents.shape[0]))
-            offset = rows[-1].stop
-        latents = torch.cat([p.latents for p, halves in zip(group, per_path, strict=True) for _ in halves])
-        embeds = torch.cat([e for halves in per_path for e in halves])
-        added = unet_added_kwargs([a for p in group for a in p.added_conditions()],
-                                  [p.latents.shape[0] for p in group for _ in p.added_conditions()])
+        models = [m for m in (False, True) if any(bool(p.personalized) is m for paths, _ in runs for p in paths)]
+    groups = []
+    for model in models:
+        parts = [(i, [p for p in paths if model is None or bool(p.personalized) is model]) for i, (paths, _) in
+                 enumerate(runs)]
+        groups.append([(i, group) for i, group in parts if group])
+    groups.sort(key=lambda g: any(p.role == TARGET for _, group in g for p in group))  # sources first
+    results: list[dict[str, torch.Tensor]] = [{} for _ in runs]
+    bound = runs[0][1]
+    for parts in groups:
+        unet, _ = pair.select(parts[0][1][0].personalized)
+        latents, embeds, added, flat, shared = [], [], [], [], []
+        for i, group in parts:  # each run's rows together: each path's unconditional half, then its conditional
+            start, own = sum(x.shape[0] for x in latents), []
+            for p in group:
+                halves = p.embeddings()
+                stop = (own[-1].stop if own else 0) + len(halves) * p.latents.shape[0]
+                own.append(PathRows(p.role, own[-1].stop if own else 0, stop))
+                flat.append((i, p, slice(start + own[-1].start, start + stop)))
+                latents += [p.latents] * len(halves)
+                embeds += halves
+                added += [(a, p.latents.shape[0]) for a in p.added_conditions()]
+            shared.append((runs[i][1], slice(start, start + own[-1].stop)))
+            if runs[i][1] is not None:
+                runs[i][1].subject_tokens.update({p.role: p.conditioning.tokens for p in group})
+                runs[i][1].begin_call(own)
+        latent = torch.cat(latents)
         timesteps = t
-        if any(p.timestep is not None for p in group):  # one timestep per row
-            timesteps = torch.cat([torch.as_tensor(t if p.timestep is None else p.timestep, device=latents.device)
-                                   .reshape(1).expand(r.stop - r.start) for p, r in zip(group, rows, strict=True)])
-        if controller is not None:
-            controller.subject_tokens.update({p.role: p.conditioning.tokens for p in group})
-            controller.begin_call(rows)
-        noise = unet(latents, timesteps, encoder_hidden_states=embeds, **added).sample
-        for p, path in zip(group, rows, strict=True):
+        if any(p.timestep is not None for _, p, _ in flat):  # one timestep per row
+            timesteps = torch.cat([torch.as_tensor(t if p.timestep is None else p.timestep, device=latent.device)
+                                   .reshape(1).expand(rows.stop - rows.start) for _, p, rows in flat])
+        if len(parts) > 1 or runs[parts[0][0]][1] is not bound:
+            if bound is None or any(controller is None for controller, _ in shared):
+                raise ValueError("runs share a UNet call only where each has a controller")
+            bound.shared = shared
+        try:
+            noise = unet(latent, timesteps, encoder_hidden_states=torch.cat(embeds),
+                         **unet_added_kwargs([a for a, _ in added], [n for _, n in added])).sample
+        finally:
+            if bound is not None:
+                bound.shared = None
+        for i, p, rows in flat:
             if p.wants_eps and not p.guided:
-                result[p.role] = noise[path.rows]
+                results[i][p.role] = noise[rows]
             elif p.wants_eps:
-                u, c = noise[path.rows].chunk(2)
-                result[p.role] = u + guidance_scale * (c - u)
-    if controller is not None:
-        controller.begin_call([])
-    return result
+                u, c = noise[rows].chunk(2)
+                results[i][p.role] = u + guidance_scale * (c - u)
+        for i, _ in parts:
+            if runs[i][1] is not None:
+                runs[i][1].begin_call([])
+    return results
 
 
 @contextmanager

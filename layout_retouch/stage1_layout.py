@@ -4,7 +4,8 @@ For the first `T_l` steps the vanilla model denoises P_v (no personal token): th
 comes from the base model's diversity. From step `T_l` on the personalized model denoises P_p.
 The whole latent trajectory is kept: Stage 2 replays it as the layout path. The reference's DDIM
 inversion, when it has to be computed, can ride in the same UNet calls (a timestep per batch row):
-the personalized steps then cost one call for both (the steps left ride in Stage 2's calls).
+the personalized steps then cost one call for both (the steps left ride in Stage 2's calls). So can
+Stage 2's first steps (those before S_mask, `LayoutRetouchConfig.pipeline_stages`), a step behind the layout.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from layout_retouch.attention_control import INVERSION, LAYOUT, AttentionControl
 from layout_retouch.inversion import DDIMInversion
 from layout_retouch.models import ModelPair
 from layout_retouch.progress import Progress, track
-from layout_retouch.sampling import Conditioning, PathInput, guided_eps
+from layout_retouch.sampling import Conditioning, PathInput, shared_guided_eps
 
 
 @dataclass
@@ -46,11 +47,15 @@ def step_blended_denoise(
     controller: AttentionController | None = None,
     progress: Progress = True,
     inversion: DDIMInversion | None = None,
+    rider=None,
 ) -> LayoutTrajectory:
     """DDIM with CFG; steps k < vanilla_steps on the vanilla model and P_v, the rest personalized and P_p.
 
     `inversion` (on the personalized model) takes one of its steps beside each step of the layout on the
     same UNet; beside the vanilla model's steps (another UNet) it waits: Stage 2's calls carry the rest.
+    `rider` (Stage 2 run step by step, `stage2_retouch.Retouch`) is offered each call: the step it may take
+    there (one behind the layout step it borrows from at least, on the same model) rides in it, with its own
+    controller, rows and timestep. Needs `controller`, whose processors serve both.
     """
     scheduler = pair.scheduler
     trajectory = [latents]
@@ -63,7 +68,13 @@ def step_blended_denoise(
         if inversion is not None and not inversion.done and (model or pair.one_unet):  # not a call of its own
             paths.append(PathInput(INVERSION, inversion.latent, True, unguided, wants_eps=True, guided=False,
                                    timestep=inversion.timestep))
-        eps = guided_eps(pair, paths, t, guidance_scale, controller)
+        runs = [(paths, controller)]
+        ride = rider.ride(k, model, trajectory) if rider is not None and controller is not None else None
+        if ride is not None:
+            runs.append(ride)
+        eps, *rode = shared_guided_eps(pair, runs, t, guidance_scale)
+        if rode:
+            rider.take(rode[0])
         if INVERSION in eps:
             inversion.advance(eps[INVERSION])
         eps = eps[LAYOUT]

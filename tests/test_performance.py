@@ -5,6 +5,8 @@ together are compared with all of them off, on tiny models, for the ablation row
 different parts of the recorded features. No timings here: benchmarks/speed.py measures them.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from PIL import Image
 import layout_retouch.attention_control as attention_control
 import layout_retouch.pipeline as pipeline_module
 import layout_retouch.source_features as source_features
+import layout_retouch.stage2_retouch as stage2_retouch
 from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import DDIMInversion, ddim_invert
@@ -27,6 +30,8 @@ ALL = {name: True for name in STRAIGHTFORWARD}
 SWITCHES = {"record_layout": dict(record_layout_features=True), "cache_reference": dict(cache_reference_features=True),
             "skip_replaced": dict(skip_replaced_attention=True), "share_inversion": dict(share_inversion_calls=True),
             "batch_maps": dict(batch_subject_maps=True),
+            # alone it would leave nothing to ride with a layout on the vanilla model at step 0 (TINY: T_l = 1)
+            "pipeline_stages": dict(pipeline_stages=True, record_layout_features=True),
             "all": ALL, "all_offloaded": dict(ALL, feature_offload=True)}
 PROMPT = "a sks dog in the snow"
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # float rounding of other batch shapes, no more
@@ -115,6 +120,43 @@ def test_optimizations_give_the_straightforward_images(pipe, tmp_path, straightf
         assert (optimized.masks[name] == mask).mean() > 0.99, name  # a rounding flip at a threshold at most
 
 
+PIPELINED = {  # setting -> config; the straightforward run of each is the same config with STRAIGHTFORWARD
+    "V": dict(method="V"),
+    "V_layout_on_vanilla_model_early": dict(method="V", vanilla_steps=3),
+    "V_reference_before_the_mask": dict(method="V", vanilla_steps=1, mask_start_step=4),
+    "IV_no_mask_every_step_can_ride": dict(method="IV", vanilla_steps=1),
+    # no recorded sources: the layout's and the reference's rows ride with the target (the inversion, not shared,
+    # is done before Stage 1)
+    "V_paths_ride_too": dict(method="V", vanilla_steps=0, **{**STRAIGHTFORWARD, "pipeline_stages": True}),
+}
+
+
+@pytest.mark.parametrize("setting", PIPELINED)
+def test_stage_2_rides_in_stage_1_calls(pipe, lora_pipe, tmp_path, setting):
+    """pipeline_stages: Stage 2's steps that need no mask ride in Stage 1's calls (a timestep per row), for two
+    prompts of a concept in a row (the first inverts the reference in the calls and records its features, the
+    second reuses them), two seeds in a batch, under CFG, with DreamBooth (two UNets) and LoRA (one, switched):
+    fewer calls, the same rows, the straightforward images."""
+    config = PIPELINED[setting]
+    for models in (pipe, lora_pipe) if setting == "V" else (pipe,):
+        counts, images = {}, {}
+        for name, switch in (("pipelined", {}), ("after", dict(pipeline_stages=False)), ("straight", STRAIGHTFORWARD)):
+            models.clear_feature_cache()
+            counts[name], images[name] = [], []
+            for prompt, seed in ((PROMPT, 5), ("a sks dog on the beach", 7)):
+                with RowCounter(models) as counter:
+                    images[name].append(generate(models, tmp_path / name, prompt=prompt, seed=seed,
+                                                 **{**config, **switch}).images)
+                counts[name].append((counter.calls, counter.rows))
+        for got, expected in zip(images["pipelined"], images["straight"], strict=True):
+            assert torch.allclose(got, expected, **TOLERANCE)
+        for (calls, rows), (calls_after, rows_after) in zip(counts["pipelined"], counts["after"], strict=True):
+            assert rows == rows_after and calls < calls_after
+        if setting == "V":  # TINY: T_l = 1, S_mask = S_ref = 2: Stage 2's steps 0 and 1 ride in Stage 1's calls 1, 2
+            mask_start = LayoutRetouchConfig(**TINY).mask_start
+            assert [calls for calls, _ in counts["pipelined"]] == [2 * STEPS - mask_start] * 2
+
+
 def test_lora_one_unet_gives_the_straightforward_images(lora_pipe, tmp_path):
     reference = generate(lora_pipe, tmp_path, method="V", vanilla_steps=2, **STRAIGHTFORWARD)
     optimized = generate(lora_pipe, tmp_path, method="V", vanilla_steps=2)
@@ -141,15 +183,32 @@ def test_recorded_sources_do_not_run_again(pipe, tmp_path):
     with RowCounter(pipe) as fast:
         for prompt in (PROMPT, "a sks dog on the beach"):
             generate(pipe, tmp_path / "fresh", prompt=prompt, n=n, method="V")
-    reference_pass = (STEPS - (TINY["ref_start_step"] - 1)) * 2  # once, from the step before S_ref
+    # once, from S_ref (the tiny UNet's map layers come before its reference layers: the key mask at S_ref reads
+    # that step's map, not the step before's)
+    reference_pass = (STEPS - TINY["ref_start_step"]) * 2
     assert fast.rows == inversion + reference_pass + 2 * (stage1 + STEPS * 2 * n)
     assert pipe._reference_cache.computed == 1
-    # ... inside the first prompt's Stage 2 calls: one call per step and stage, no separate reference pass; the
-    # inversion's steps ride in Stage 1's calls, and those beside the steps on the vanilla model (another UNet)
-    # in Stage 2's.
+    # ... inside the first prompt's Stage 2 calls: no separate reference pass; the inversion's steps ride in
+    # Stage 1's calls, and those beside the steps on the vanilla model (another UNet) in Stage 2's; Stage 2's
+    # steps before S_mask ride in Stage 1's calls (pipeline_stages), one call per step and stage from S_mask on.
     vanilla = LayoutRetouchConfig(**TINY).num_vanilla_steps
     assert straight.calls == inversion + 2 * (STEPS + STEPS + vanilla)  # Stage 2's layout on vanilla: own call
-    assert 0 < vanilla < STEPS and fast.calls == 2 * (STEPS + STEPS)
+    mask_start = LayoutRetouchConfig(**TINY).mask_start
+    assert 0 < vanilla < STEPS and 0 < mask_start and fast.calls == 2 * (STEPS + STEPS - mask_start)
+
+
+def test_the_reference_runs_from_the_step_before_s_ref_only_where_its_map_would_come_late(pipe):
+    """Its key mask at S_ref reads the subject map of the step so far: the step before is needed only where no
+    map layer runs before the first reference layer (not so in the tiny UNet, nor SD 1.x/2.x or SDXL)."""
+    unet = pipe.models.pipe.unet
+    plan = attention_control.build_plan(LayoutRetouchConfig(**TINY), unet, swap_layout=True, swap_reference=True,
+                                        blend=True)
+    assert pipeline_module.reference_start(plan, unet) == TINY["ref_start_step"]
+    last_map = [layer.name for layer in attention_control.attention_layers(unet) if layer.cross][-1:]
+    late = dataclasses.replace(plan, map_layers=set(last_map))
+    assert pipeline_module.reference_start(late, unet) == TINY["ref_start_step"] - 1
+    assert pipeline_module.reference_start(dataclasses.replace(late, ref_subject_only=False), unet) == \
+        TINY["ref_start_step"]
 
 
 def test_an_inversion_riding_in_stage_1_takes_the_steps_it_takes_alone(pipe):
@@ -191,7 +250,7 @@ def test_textual_inversion_runs_its_vanilla_steps_in_the_same_calls(tiny_dir, tm
     assert counter.calls == STEPS + 2 * STEPS  # inversion alone, then one call per step and stage
     with RowCounter(ti) as counter:
         fast = generate(ti, tmp_path / "b", prompt="a <cat-toy> in the snow", method="V", vanilla_steps=2)
-    assert counter.calls == 2 * STEPS
+    assert counter.calls == 2 * STEPS - TINY["ref_start_step"]  # Stage 2's steps before S_mask ride in Stage 1's
     assert torch.allclose(fast.images, straight.images, **TOLERANCE)
 
 
@@ -266,9 +325,9 @@ def test_subject_maps_take_one_softmax_per_call(pipe, tmp_path, monkeypatch):
 
 def test_layout_features_are_freed_once_used(pipe, tmp_path, monkeypatch):
     """Each step's recorded layout features go when the step is done, all of them before the final decode."""
-    real, seen = pipeline_module.retouch, {}
+    real, seen = stage2_retouch.Retouch.__init__, {}
 
-    def spy(models, config, controller, *args, **kwargs):
+    def spy(self, models, config, controller, *args, **kwargs):
         features, begin = controller.features[attention_control.LAYOUT], controller.begin_step
         seen["features"], seen["held"] = features, []
 
@@ -277,16 +336,26 @@ def test_layout_features_are_freed_once_used(pipe, tmp_path, monkeypatch):
             seen["held"].append(len({s for s, _ in features.entries}))  # steps whose features are still held
 
         controller.begin_step = begin_step
-        return real(models, config, controller, *args, **kwargs)
+        return real(self, models, config, controller, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "retouch", spy)
-    kept = generate(pipe, tmp_path, method="V", release_used_features=False)
+    monkeypatch.setattr(stage2_retouch.Retouch, "__init__", spy)
+    after_stage1 = dict(pipeline_stages=False)  # Stage 2 after Stage 1, all of the layout's steps recorded
+    kept = generate(pipe, tmp_path, method="V", release_used_features=False, **after_stage1)
     assert seen["held"] == [STEPS] * STEPS and seen["features"].entries
     pipe.clear_feature_cache()  # both runs record the reference alike: the same work, bit for bit
-    freed = generate(pipe, tmp_path, method="V")
+    freed = generate(pipe, tmp_path, method="V", **after_stage1)
     assert seen["held"] == [STEPS - k for k in range(STEPS)]  # TINY: every step lends (early swap, then blend)
     assert not seen["features"].entries
     assert torch.equal(freed.images, kept.images)
+    # Pipelined, Stage 2's steps before S_mask run while Stage 1 records (one step behind it, at least): a step's
+    # features go when Stage 2 is done with it, none is held longer than without pipelining.
+    pipelined = {}
+    for release in (False, True):
+        pipe.clear_feature_cache()
+        pipelined[release] = generate(pipe, tmp_path, method="V", release_used_features=release)
+        assert len(seen["held"]) == STEPS and bool(seen["features"].entries) is not release
+    assert all(held <= STEPS - k for k, held in enumerate(seen["held"]))
+    assert torch.equal(pipelined[True].images, pipelined[False].images)
 
 
 def test_recorded_features_keep_the_models_precision(tiny_dir, tmp_path, monkeypatch):
