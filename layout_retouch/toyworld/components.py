@@ -71,8 +71,24 @@ def build_unet_v2() -> UNet2DConditionModel:
     )
 
 
-# Toy UNet layouts by name (train_vanilla.py --arch): "v1" the shipped first layout, "v2" every block attends.
-UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2}
+def build_unet_v3() -> UNet2DConditionModel:
+    """A candidate after v2 (issue 14, not trained yet): v2 with two transformer layers in every block.
+
+    The probes found v1's and v2's subject placed through cross-attention at 8x8, self-attention carrying
+    none of it (P6); a second self-attention layer per block doubles what self-attention can route
+    (the issue's "two transformer layers per block"). 9.6M parameters.
+    """
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=(4, 8, 8), norm_num_groups=16, transformer_layers_per_block=2,
+    )
+
+
+# Toy UNet layouts by name (train_vanilla.py --arch): "v1" the shipped first layout, "v2" every block attends,
+# "v3" every block attends twice.
+UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2, "v3": build_unet_v3}
 
 
 def train_scheduler() -> DDPMScheduler:

@@ -269,7 +269,7 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 7919 + step)
     ema_params = list(ema_unet.parameters()) + ([] if ema_text is text_encoder else list(ema_text.parameters()))
-    ema_pairs = list(zip(ema_params, params, strict=True))
+    assert len(ema_params) == len(params)
     drop = None if recipe.scene_drop is None else {"scene": recipe.scene_drop}
     last_save = started = time.time()
     done = step
@@ -299,8 +299,7 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
         opt.step()
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))  # short runs: early weights fade fast
         with torch.no_grad():
-            for e, p in ema_pairs:
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)  # one launch for all, not one a tensor
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if time.time() - last_save > CHECKPOINT_EVERY_S:
