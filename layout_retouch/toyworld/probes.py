@@ -331,7 +331,6 @@ def probe_p4(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
             "blocks": {name: round(float(np.mean(v)), 4) for name, v in blocks.items()}}
 
 
-
 # P6's kinds of module, by name in a diffusers UNet: each transformer block's self- and cross-attention, and
 # the resnets (whose outputs are the residual stream itself).
 ROUTES = {"self_attention": r".*transformer_blocks\.\d+\.attn1", "cross_attention": r".*transformer_blocks\.\d+\.attn2",

@@ -256,6 +256,8 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     if ckpt.exists():
         step = load_checkpoint(ckpt, modules, opt, device=device)
     elif grow_from is not None:
+        if str(device) != "cpu":
+            raise ValueError("--grow-from (the first world's grown UNet) trains on the CPU only")
         step = grow(grow_from, modules, opt)
     elif init_from is not None:
         step = fresh_moments_from = continue_from(init_from, modules)
