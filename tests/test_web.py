@@ -68,6 +68,11 @@ def same(a: Image.Image, b: Image.Image) -> bool:
     return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
 
 
+def levels_apart(a: Image.Image, b: Image.Image) -> int:
+    pixels = [np.asarray(image.convert("RGB"), dtype=np.int16) for image in (a, b)]
+    return int(np.abs(pixels[0] - pixels[1]).max())
+
+
 # --- parsing and checks (no model runs)
 def test_parse_seeds():
     assert parse_seeds("42, 43,42 7") == (42, 43, 7)
@@ -147,7 +152,10 @@ def test_method_v_shows_layout_and_final_as_the_pipeline_makes_them(engine):
     assert outcome.message.startswith("Done: 1 image(s)")
     expected = direct(engine, "V", 7)
     layout, final = (Image.open(t.path) for t in outcome.tiles)
-    assert same(final, expected.images[0]) and same(layout, expected.layout_images[0])
+    # The page's run made the reference's features, the direct call reads them from the cache: with Stage 2's
+    # first steps riding in Stage 1's calls (pipeline_stages) the calls' batches differ, and so may the float
+    # rounding (one level in one channel of one pixel was seen).
+    assert levels_apart(final, expected.images[0]) <= 1 and same(layout, expected.layout_images[0])
     p = parameters(outcome.tiles[1].path)
     assert (p["prompt"], p["seed"], p["index"], p["config"]["method"], p["config"]["num_inference_steps"]) == \
         (PROMPT, 7, 0, "V", 6)
@@ -225,7 +233,8 @@ def test_stop_ends_the_run_between_steps_and_keeps_finished_images(engine):
     outcomes = list(run_request(engine, fields(seeds="1,2"), press_stop_in_second_run))
     assert stops == [True]
     last = outcomes[-1]
-    assert last.ok and last.message.startswith("Stopped") and "stage 2 retouch" in last.message
+    # Stage 2's first steps ride in Stage 1's calls (pipeline_stages): the message names the step the run was in
+    assert last.ok and last.message.startswith("Stopped during run 2/2") and "step" in last.message
     assert [t.kind for t in last.tiles] == ["layout", "final"] and {t.row[1] for t in last.tiles} == {1}
     assert not engine.busy and engine.stop() is False
     assert final_run(engine).message.startswith("Done")  # the next run is not stopped by the old press
