@@ -201,6 +201,8 @@ class LayoutRetouchPipeline:
         if config.uses_reference:
             ref_image = load_reference_image(reference_image, (height, width))
             reference, inversion = self.start_reference_inversion(ref_image, timesteps, config)
+        # the inversion's steps, where they ride in the stages' UNet calls (config.share_inversion_calls)
+        shared_inversion = inversion.steps if inversion is not None and config.share_inversion_calls else None
 
         # Stage 1: the layout (the result itself for ablations I and II).
         plan = None
@@ -223,9 +225,9 @@ class LayoutRetouchPipeline:
         def prepare_retouch(layout: LayoutTrajectory | None) -> tuple[Retouch, ReferenceRecorder | None]:
             """Stage 2's controller, recorded sources and run (before Stage 1 where Stage 2 rides in its calls)."""
             nonlocal reference
-            if inversion is not None and config.share_inversion_calls:  # the steps Stage 1 does not carry ride
+            if shared_inversion is not None:  # the steps Stage 1 does not carry ride
                 # in Stage 2's calls (or in calls of their own where the reference reads first)
-                reference = InversionTrajectory(InversionLatents(inversion.steps, models.select(True)[0]),
+                reference = InversionTrajectory(InversionLatents(shared_inversion, models.select(True)[0]),
                                                 timesteps, inversion.key)
             elif inversion is not None:
                 reference = self.finish_reference_inversion(inversion)
@@ -239,8 +241,7 @@ class LayoutRetouchPipeline:
             controller.recorder = reference_recorder
             run = Retouch(models, config, controller, cond, latents.clone(), timesteps, layout, reference,
                           self.progress, reference_from=reference_recorder.start if reference_recorder else 0,
-                          inversion=inversion.steps if inversion is not None and config.share_inversion_calls
-                          else None, uses_layout=config.uses_layout_path)
+                          inversion=shared_inversion, uses_layout=config.uses_layout_path)
             return run, reference_recorder
 
         # Stage 2's steps before S_mask ride in Stage 1's calls (config.pipeline_stages; Retouch.ride says which).
@@ -256,8 +257,7 @@ class LayoutRetouchPipeline:
                 trajectory = step_blended_denoise(
                     models, latents, timesteps, config.num_vanilla_steps, cond.vanilla, cond.personalized,
                     config.guidance_scale, config.eta, layout_recorder, self.progress,
-                    inversion.steps if inversion is not None and config.share_inversion_calls else None,
-                    rider=stage2)
+                    shared_inversion, rider=stage2)
         layout_images = self.decode(trajectory.latents[-1], "pil") if trajectory is not None else None
         output = LayoutRetouchOutput(images=[], layout_images=layout_images, prompts=prompts,
                                      config=config.to_dict(), trajectory=trajectory)

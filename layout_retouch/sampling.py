@@ -72,17 +72,19 @@ def shared_guided_eps(pair: ModelPair, runs: list[tuple[list[PathInput], Attenti
     for parts in groups:
         unet, _ = pair.select(parts[0][1][0].personalized)
         latents, embeds, added, flat, shared = [], [], [], [], []
+        start = 0  # where the run's rows begin in the call's batch
         for i, group in parts:  # each run's rows together: each path's unconditional half, then its conditional
-            start, own = sum(x.shape[0] for x in latents), []
+            own, stop = [], 0  # the run's paths' rows, counted from its own first row
             for p in group:
                 halves = p.embeddings()
-                stop = (own[-1].stop if own else 0) + len(halves) * p.latents.shape[0]
-                own.append(PathRows(p.role, own[-1].stop if own else 0, stop))
+                own.append(PathRows(p.role, stop, stop + len(halves) * p.latents.shape[0]))
+                stop = own[-1].stop
                 flat.append((i, p, slice(start + own[-1].start, start + stop)))
                 latents += [p.latents] * len(halves)
                 embeds += halves
                 added += [(a, p.latents.shape[0]) for a in p.added_conditions()]
-            shared.append((runs[i][1], slice(start, start + own[-1].stop)))
+            shared.append((runs[i][1], slice(start, start + stop)))
+            start += stop
             if runs[i][1] is not None:
                 runs[i][1].subject_tokens.update({p.role: p.conditioning.tokens for p in group})
                 runs[i][1].begin_call(own)
