@@ -141,3 +141,33 @@ def test_export_and_continue_round_trip_the_ema_unet(tmp_path):
     for name in ("unet", "ema_unet"):
         for (key, value), expected in zip(fresh[name].state_dict().items(), ema.state_dict().values(), strict=True):
             assert torch.allclose(value, expected.half().float()), key  # the EMA weights, through fp16
+
+
+@pytest.mark.parametrize("arch", ["v2", "v4"])
+def test_each_unet_layout_makes_64px_images_with_its_vae(arch):
+    """Every candidate layout plugs into a standard SD pipeline with the VAE factor it is meant for."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from layout_retouch.toyworld.components import UNET_ARCHITECTURES, UNET_VAE_FACTOR, build_vae, sample_scheduler
+
+    torch.manual_seed(0)
+    vae, unet = build_vae(UNET_VAE_FACTOR[arch]), UNET_ARCHITECTURES[arch]()
+    pipe = StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=CLIPTextModel.from_pretrained(VANILLA / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(VANILLA / "tokenizer"), scheduler=sample_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert unet.config.sample_size * pipe.vae_scale_factor == 64
+    image = pipe("a photo of a red star", num_inference_steps=1, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_unet_stage_refuses_a_vae_of_the_wrong_factor(tmp_path):
+    import shutil
+
+    from layout_retouch.toyworld.train_vanilla import UnetRecipe, train_unet
+
+    shutil.copytree(VANILLA / "vae", tmp_path / "vae")  # factor 4: 16x16 latents
+    with pytest.raises(ValueError, match="factor 2"):
+        train_unet(tmp_path, tmp_path / "work", 0, UnetRecipe(arch="v4", steps=1))

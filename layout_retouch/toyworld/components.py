@@ -21,12 +21,17 @@ TEXT_HIDDEN = 128  # text encoder width = UNet cross_attention_dim
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def build_vae() -> AutoencoderKL:
-    """0.92M-parameter VAE, 64x64x3 -> 16x16x4."""
+def build_vae(factor: int = 4) -> AutoencoderKL:
+    """64x64x3 -> 16x16x4 (factor 4: the shipped 0.92M-parameter VAE) or 32x32x4 (factor 2).
+
+    Factor 2 gives the 32x32 latent that issue 14 asks to try: at 16x16 a 3x3 convolution two levels down
+    already sees the whole image, so a UNet never has to route structure through self-attention.
+    """
+    levels = {4: 3, 2: 2}[factor]
     return AutoencoderKL(
         in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(32, 64, 64)[:levels], layers_per_block=1, latent_channels=4, norm_num_groups=16,
         sample_size=64,
     )
 
@@ -86,9 +91,27 @@ def build_unet_v3() -> UNet2DConditionModel:
     )
 
 
+def build_unet_v4() -> UNet2DConditionModel:
+    """A candidate for the 32x32 latent of the factor-2 VAE (issue 14): v2's layout one level finer.
+
+    Blocks at 32x32, 16x16 and 8x8 with self- and cross-attention in each, like SD 1.x's 64/32/16 levels, so
+    long-range structure at the two finer levels can only travel through attention. Widths halve toward
+    the finer levels (32, 64, 128), which keeps a convolution's cost near v2's; heads of 16 channels as in
+    v2. Not trained yet.
+    """
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=(2, 4, 8), norm_num_groups=16,
+    )
+
+
 # Toy UNet layouts by name (train_vanilla.py --arch): "v1" the shipped first layout, "v2" every block attends,
-# "v3" every block attends twice.
-UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2, "v3": build_unet_v3}
+# "v3" every block attends twice, "v4" v2 on the 32x32 latent (needs the factor-2 VAE, --vae-factor 2).
+UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2, "v3": build_unet_v3, "v4": build_unet_v4}
+# The VAE factor each UNet layout's latent side assumes (64 px images).
+UNET_VAE_FACTOR = {"v1": 4, "v2": 4, "v3": 4, "v4": 2}
 
 
 def train_scheduler() -> DDPMScheduler:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from layout_retouch.toyworld.checkpoint import load_checkpoint, save_checkpoint
 from layout_retouch.toyworld.components import (
     UNET_ARCHITECTURES,
+    UNET_VAE_FACTOR,
     build_text_encoder,
     build_unet,
     build_vae,
@@ -47,6 +48,7 @@ class VaeRecipe:
     l1_weight: float = 0.5  # reconstruction loss = MSE + l1_weight * L1 + kl_weight * KL
     kl_weight: float = 1e-6
     decay_from: float = 0.7  # lr decays linearly to 0 over the last 30% of steps
+    factor: int = 4  # image side / latent side (components.build_vae): 4 the shipped VAE, 2 for a 32x32 latent
 
 
 @dataclass
@@ -88,7 +90,7 @@ def lr_factor(step: int, steps: int, decay_from: float, warmup: int = 0) -> floa
 def train_vae(out: Path, work: Path, seed: int, recipe: VaeRecipe) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vae = build_vae()
+    vae = build_vae(recipe.factor)
     opt = torch.optim.Adam(vae.parameters(), lr=recipe.lr)
     ckpt = work / "vae_checkpoint.safetensors"
     step = load_checkpoint(ckpt, {"vae": vae}, opt) if ckpt.exists() else 0
@@ -234,6 +236,12 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().to(device)
     make_unet = UNET_ARCHITECTURES[recipe.arch]
     unet, ema_unet = make_unet(), make_unet()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if factor != UNET_VAE_FACTOR[recipe.arch]:
+        raise ValueError(f"UNet layout {recipe.arch} expects a VAE of factor {UNET_VAE_FACTOR[recipe.arch]} "
+                         f"({unet.config.sample_size}x{unet.config.sample_size} latents), but {out / 'vae'} has "
+                         f"factor {factor}: pass --vae-from a folder with the matching VAE (or train one with "
+                         f"--stage vae --vae-factor {UNET_VAE_FACTOR[recipe.arch]})")
     ema_unet.load_state_dict(unet.state_dict())
     if recipe.text_encoder_from is not None:  # frozen: trained neither by the optimizer nor the EMA
         tokenizer = CLIPTokenizer.from_pretrained(recipe.text_encoder_from / "tokenizer")
@@ -371,11 +379,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="checkpoints and logs (resumed from if present)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=VaeRecipe.steps)
+    parser.add_argument("--vae-factor", type=int, choices=[2, 4], default=VaeRecipe.factor,
+                        help="image side / latent side of the VAE stage's VAE (2: the 32x32 latent of --arch v4)")
     parser.add_argument("--unet-steps", type=int, default=UnetRecipe.steps)
     parser.add_argument("--pool", type=int, default=None, help="override the number of training renders")
     parser.add_argument("--unet-batch", type=int, default=UnetRecipe.batch)
     parser.add_argument("--arch", choices=sorted(UNET_ARCHITECTURES), default=UnetRecipe.arch,
-                        help="UNet layout (components.py): v1 the first toy world's, v2 attention in every block")
+                        help="UNet layout (components.py): v1 the first toy world's, v2 attention in every block, "
+                             "v3 two layers a block, v4 v2 on a 32x32 latent (a --vae-factor 2 VAE)")
     parser.add_argument("--scene-drop", type=float, default=None,
                         help="share of captions without their scene (default: scene.DROP_PROB's)")
     parser.add_argument("--text-encoder-from", type=Path, default=None,
@@ -412,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exported the EMA weights of step {step} to {args.out}", flush=True)
         return
     if args.vae_from is None and args.stage in ("vae", "all"):
-        recipe = VaeRecipe(steps=args.vae_steps)
+        recipe = VaeRecipe(steps=args.vae_steps, factor=args.vae_factor)
         if args.pool:
             recipe.pool = args.pool
         train_vae(args.out, args.work, args.seed, recipe)
