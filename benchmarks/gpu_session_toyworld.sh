@@ -4,7 +4,8 @@
 # self-attention carries the subject's place (P6 routing, P1, P1b, P2), in under 10 minutes.
 #   ARCH=v3 STEPS=8000 bash benchmarks/gpu_session_toyworld.sh      (ARCH: a name in components.UNET_ARCHITECTURES)
 # INIT=checkpoints/toyworld_v2/vanilla continues that committed UNet instead (with ARCH=v2). The VAE and text
-# encoder are the shipped ones, frozen; the recipe is toyworld/README.md's (batch 32, scene left out of 40%
+# encoder are the shipped ones, frozen (ARCH=v4, the 32x32 latent, takes the factor-2 VAE of VAE_FROM, default
+# checkpoints/toyworld_v4/vanilla); the recipe is toyworld/README.md's (batch 32, scene left out of 40%
 # of captions). The weights stay on the machine (too large to come back); probes.md/json, the quality report
 # and the logs come back in $OUT. Same wheels set-up as gpu_session.sh (sources gpu_setup.sh).
 set -u
@@ -17,15 +18,16 @@ device=${DEVICE:-cuda}  # DEVICE=cpu STEPS=3 DB_STEPS=2 SEEDS=1 PROBE_STEPS=2: t
 db_steps=${DB_STEPS:-1500}
 init=${INIT:+--init-from $INIT}
 M=layout_retouch/toyworld/models
+if [ "$arch" = v4 ]; then vae_from=${VAE_FROM:-checkpoints/toyworld_v4/vanilla}; else vae_from=${VAE_FROM:-$M/vanilla}; fi
 W=/tmp/toyworld_$arch
 mkdir -p $W/models
 start=$(date +%s)
 python3 -m layout_retouch.toyworld.train_vanilla --stage unet --arch "$arch" --scene-drop 0.4 --max-minutes 5 \
-    --text-encoder-from $M/vanilla --vae-from $M/vanilla $init --seed 0 --threads 8 --unet-batch 32 \
+    --text-encoder-from $M/vanilla --vae-from "$vae_from" $init --seed 0 --threads 8 --unet-batch 32 \
     --unet-steps "$steps" --pool 15000 --device "$device" --work $W/work --out $W/models/vanilla \
     > "$out/train.log" 2>&1
 python3 -m layout_retouch.toyworld.train_vanilla --export --arch "$arch" --text-encoder-from $M/vanilla \
-    --vae-from $M/vanilla --work $W/work --out $W/models/vanilla 2>&1 | tail -1 | tee "$out/summary.txt"
+    --vae-from "$vae_from" --work $W/work --out $W/models/vanilla 2>&1 | tail -1 | tee "$out/summary.txt"
 echo "vanilla: $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
 timeout 120 python3 -m layout_retouch.cli personalize --method dreambooth --base $W/models/vanilla \
     --photos $M/references --class-word star --seed 0 --batch-size 10 --token sks --train-text-encoder \
