@@ -30,7 +30,8 @@ METHOD_NAMES: dict[str, Method] = {
 # optimization must reproduce (tests/test_performance.py, benchmarks/speed.py, benchmarks/gpu_checks.py).
 STRAIGHTFORWARD: dict[str, bool] = dict(record_layout_features=False, cache_reference_features=False,
                                         skip_replaced_attention=False, share_inversion_calls=False,
-                                        batch_subject_maps=False, pipeline_stages=False)
+                                        batch_subject_maps=False, pipeline_stages=False, truncate_inversion=False,
+                                        defer_reference_reconstruction=False)
 
 
 @dataclass
@@ -137,6 +138,16 @@ class LayoutRetouchConfig:
     # Stage 1's UNet calls on the same model, each a step behind the layout step it borrows from (a timestep per
     # row); only the steps from S_mask on, and any that cannot ride, take calls of their own. The same images.
     pipeline_stages: bool = True
+    # Invert the reference only as deep as this call's Stage 2 reads it: from the clean latent up to S_ref's
+    # latent where its features are recorded (none deeper where they are cached already; all the way to z_T
+    # where maps are saved or the reference runs every step). The truncated trajectory is cached on disk and a
+    # later call that reads deeper extends it from its deepest latent (inversion is sequential: the same
+    # latents as a full inversion). S_ref steps fewer per concept (at 10 steps, 4 of 10 inversion rows).
+    truncate_inversion: bool = True
+    # VAE-decode the reference's reconstruction (`output.reference_reconstruction`, a diagnostic image) when it is
+    # first read, not in every call: a VAE decode per concept (about 2.4 UNet rows of SD 1.5) that the CLI
+    # spends only with --save-intermediates and the web app only when masks are shown. The same image.
+    defer_reference_reconstruction: bool = True
 
     # Baselines' hyperparameters that differ from their defaults, per baseline: {"freeu": {"b1": 1.5}}; the
     # defaults and their sources are in each baseline's config dataclass (layout_retouch/baselines/).

@@ -96,22 +96,33 @@ class DDIMInversion:
     """DDIM run backwards (eta 0, no guidance) one step at a time, from the clean latent up through `timesteps`.
 
     Stepwise, so that its UNet evaluations can ride in another loop's calls (Stage 1's, which walks the
-    same timesteps the other way: the UNet takes a timestep per batch row).
+    same timesteps the other way: the UNet takes a timestep per batch row). `stop` (0: all the way to z_T)
+    is the shallowest step whose latent is wanted: the inversion is `done` once it has latent `stop`, since
+    a reader that starts there never looks deeper. Being sequential, a truncated inversion can be extended
+    later from its deepest latent (`states`: the latents it starts from, clean first) to the same latents a
+    full one takes.
     """
 
     def __init__(self, scheduler, latent: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor,
-                 added: dict[str, torch.Tensor] | None = None):
+                 added: dict[str, torch.Tensor] | None = None, states: list[torch.Tensor] | None = None,
+                 stop: int = 0):
         self.alphas = scheduler.alphas_cumprod.to(latent.device)
         self.final = scheduler.final_alpha_cumprod.to(latent.device)
         self.timesteps = timesteps
         self.steps = [int(t) for t in timesteps.tolist()]  # on the host once: no device sync per step
         self.embedding = embedding
         self.added = added  # SDXL: the UNet's added_cond_kwargs for the embedding (pooled text, time ids)
-        self.states = [latent]
+        self.states = list(states) if states else [latent]
+        self.stop = stop
+
+    @property
+    def complete(self) -> bool:
+        """Whether every latent up to z_T is inverted (whatever `stop` asks for)."""
+        return len(self.states) > len(self.timesteps)
 
     @property
     def done(self) -> bool:
-        return len(self.states) > len(self.timesteps)
+        return len(self.states) > len(self.timesteps) - self.stop
 
     @property
     def index(self) -> int:
@@ -142,18 +153,25 @@ class DDIMInversion:
 
     @torch.no_grad()
     def run(self, unet, progress: Progress = True) -> InversionTrajectory:
-        """Take the steps not yet taken, each in a UNet call of its own."""
-        remaining = len(self.timesteps) + 1 - len(self.states)
+        """Take the steps not yet taken down to `stop`, each in a UNet call of its own.
+
+        A complete inversion's latents are a list; a truncated one's read on (`InversionLatents`), each
+        latent beyond it taken when first read.
+        """
+        remaining = max(0, len(self.timesteps) - self.stop + 1 - len(self.states))
         for _ in track(range(remaining), "invert reference", progress if remaining else False):
             self.step_alone(unet)
-        return InversionTrajectory(self.states[::-1], self.timesteps)
+        latents = self.states[::-1] if self.complete else InversionLatents(self, unet)
+        return InversionTrajectory(latents, self.timesteps)
 
 
 class InversionLatents(Sequence):
-    """An inversion still under way, indexed as `InversionTrajectory.latents` (k: timestep t_k; -1: clean).
+    """An inversion still under way, or truncated, indexed as `InversionTrajectory.latents` (k: timestep t_k;
+    -1: clean).
 
     Its remaining steps ride in Stage 2's UNet calls; a latent read before they reach it (the reference
-    path's, from step S_ref - 1) is caught up with steps in calls of their own.
+    path's, from step S_ref), or deeper than a truncated inversion went, is caught up with steps in calls
+    of their own.
     """
 
     def __init__(self, inversion: DDIMInversion, unet):
@@ -162,14 +180,24 @@ class InversionLatents(Sequence):
     def __len__(self) -> int:
         return len(self.inversion.timesteps) + 1
 
+    def _index(self, k: int) -> int:
+        """The position in the inversion's states (clean to noisy) of latent k."""
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"latent {k} of an inversion of {len(self) - 1} steps")
+        return len(self) - 1 - (k % len(self))
+
     def ready(self, k: int) -> bool:
         """Whether latent k is inverted already (reading it would not take steps of its own)."""
-        return len(self.inversion.states) > len(self) - 1 - (k % len(self))
+        return len(self.inversion.states) > self._index(k)
+
+    def computed(self) -> list[torch.Tensor]:
+        """The latents inverted so far, as `InversionTrajectory.latents` orders them (the deepest first)."""
+        return self.inversion.states[::-1]
 
     def __getitem__(self, k):
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
-        index = len(self) - 1 - (k % len(self))  # the inversion's states run from clean to noisy
+        index = self._index(k)
         while len(self.inversion.states) <= index:
             self.inversion.step_alone(self.unet)
         return self.inversion.states[index]
@@ -209,7 +237,12 @@ def model_fingerprint(module: torch.nn.Module) -> str:
 
 
 class InversionCache:
-    """Inverted trajectories on disk, keyed by model, image content, size, schedule and prompt."""
+    """Inverted trajectories on disk, keyed by model, image content, size, schedule and prompt.
+
+    A complete trajectory is `<key>.safetensors`; a truncated one (from the clean latent to the deepest
+    latent a call read, `LayoutRetouchConfig.truncate_inversion`) is `<key>.partial.safetensors`, which
+    `load` does not return (so code that expects every latent never sees it) and `load_partial` does.
+    """
 
     def __init__(self, folder: str | Path | None = None):
         default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layout_retouch" / "inversions"
@@ -230,19 +263,37 @@ class InversionCache:
             digest.update(added[name].detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:32]
 
+    def _path(self, key: str, partial: bool = False) -> Path:
+        return self.folder / f"{key}{'.partial' if partial else ''}.safetensors"
+
     def load(self, key: str, device, dtype) -> InversionTrajectory | None:
-        path = self.folder / f"{key}.safetensors"
+        """The complete trajectory, or None."""
+        path = self._path(key)
         if not path.is_file():
             return None
         data = load_file(str(path))
         latents = [x[None].to(device, dtype) for x in data["latents"]]
         return InversionTrajectory(latents, data["timesteps"], key)
 
+    def load_partial(self, key: str, device, dtype) -> list[torch.Tensor] | None:
+        """A truncated trajectory's latents, clean first (`DDIMInversion.states`), or None."""
+        path = self._path(key, partial=True)
+        if not path.is_file():
+            return None
+        data = load_file(str(path))
+        return [x[None].to(device, dtype) for x in data["latents"].flip(0)]
+
     def save(self, key: str, trajectory: InversionTrajectory) -> None:
+        """Write the latents inverted so far: a complete trajectory replaces a truncated one."""
+        latents = trajectory.latents
+        latents = latents.computed() if isinstance(latents, InversionLatents) else list(latents)
+        partial = len(latents) < len(trajectory.timesteps) + 1
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"latents": torch.cat(trajectory.latents).float().cpu().contiguous(),
+        tensors = {"latents": torch.cat(latents).float().cpu().contiguous(),
                    "timesteps": torch.as_tensor(trajectory.timesteps).cpu()}
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         os.close(fd)
         save_file(tensors, tmp)
-        os.replace(tmp, self.folder / f"{key}.safetensors")
+        os.replace(tmp, self._path(key, partial))
+        if not partial:
+            self._path(key, partial=True).unlink(missing_ok=True)

@@ -85,7 +85,8 @@ def save_result(image: Image.Image, path: Path, parameters: dict) -> Path:
 # Settings that change speed or memory, not the image beyond float rounding: not part of a result's key.
 PERFORMANCE_FIELDS = ("record_layout_features", "layout_feature_budget_mb", "cache_reference_features",
                       "reference_feature_budget_mb", "feature_offload", "device_feature_budget_mb",
-                      "skip_replaced_attention", "share_inversion_calls", "inversion_cache_dir", "extra")
+                      "skip_replaced_attention", "share_inversion_calls", "inversion_cache_dir", "extra",
+                      "truncate_inversion", "defer_reference_reconstruction")
 
 
 def image_config(config: dict) -> dict:

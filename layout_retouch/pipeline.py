@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +56,36 @@ from layout_retouch.stage2_retouch import MaskBuilder, Retouch, RetouchCondition
 from layout_retouch.vae import vae_precision
 
 
+class Deferred:
+    """A value made when first read (`DeferredField`): a VAE decode that most callers never look at."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+class DeferredField:
+    """A dataclass field whose value may be `Deferred`: made on the first read, then kept like any value.
+
+    Its default is None (a dataclass takes a descriptor field's default from `__get__` on the class). Only for
+    fields that are None when the output is built: BaseOutput's dict holds the fields that were not None then,
+    and a value assigned later stays an attribute, as a plain field's would.
+    """
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None
+        value = obj.__dict__.get(self.slot)
+        if isinstance(value, Deferred):
+            value = obj.__dict__[self.slot] = value.make()
+        return value
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class LayoutRetouchOutput(BaseOutput):
     images: list  # the result (PIL images, or an array / tensor per output_type)
@@ -65,17 +94,24 @@ class LayoutRetouchOutput(BaseOutput):
     config: dict
     trajectory: LayoutTrajectory | None = None
     reference_image: Image.Image | None = None  # the reference as the model saw it (resized, cropped)
-    reference_reconstruction: Image.Image | None = None  # VAE decode of its inverted clean latent
+    # VAE decode of its inverted clean latent (with config.defer_reference_reconstruction: on first read)
+    reference_reconstruction: Image.Image | None = DeferredField()
     masks: dict = field(default_factory=dict)  # name -> (n, H_lat, W_lat) arrays: m_ca, m_sam, union, final
     attention_maps: dict = field(default_factory=dict)  # role -> (steps, n, h, w) subject maps
 
+    def __reduce__(self):
+        self.reference_reconstruction  # noqa: B018 (made now: a pickle or copy holds the image, not the pipeline)
+        return super().__reduce__()
 
-class PendingInversion(NamedTuple):
-    """A reference inversion still to run, and where its result is cached."""
+
+@dataclass
+class PendingInversion:
+    """A reference inversion still to run, where its result is cached, and how many latents are on disk."""
 
     steps: DDIMInversion
     cache: InversionCache
     key: str
+    saved: int = 0
 
 
 class LayoutRetouchPipeline:
@@ -210,6 +246,9 @@ class LayoutRetouchPipeline:
             plan = build_plan(config, models.pipe.unet, swap_layout=config.uses_layout_path, swap_reference=True,
                               blend=config.uses_mask_blending)
         homes = self.feature_homes(config, plan, latent_size, n)
+        if inversion is not None and config.truncate_inversion:  # only as deep as this call reads it
+            inversion.steps.stop = self.reference_reads_from(config, plan, cond.neutral, inversion.key, timesteps,
+                                                             latent_size, save_intermediates, homes[0])
         layout_features = self.layout_feature_recorder(config, plan, latent_size, n, homes[1])
         layout_recorder = None
         if config.uses_mask_blending or save_intermediates or layout_features is not None:
@@ -276,9 +315,10 @@ class LayoutRetouchPipeline:
             stage2, reference_recorder = prepare_retouch(layout)
         stage2.layout = layout
         controller = stage2.controller
-        riding = stage2.inversion
         output.reference_image = ref_image
-        output.reference_reconstruction = self.reference_reconstruction(reference)
+        clean = reference.latents[-1]
+        output.reference_reconstruction = Deferred(lambda: self.reconstruct(clean)) \
+            if config.defer_reference_reconstruction else self.reconstruct(clean)
         masks = None
         if config.uses_mask_blending:
             sam = self.segment_layouts(layout_images, layout_recorder.run_map(LAYOUT), latent_size, config)
@@ -286,9 +326,9 @@ class LayoutRetouchPipeline:
             controller.blend_mask_fn = masks
         with attention_control(models.unets(), controller):
             result = stage2.run()
-        if riding is not None:  # done by now (Stage 2 has a call of its own per step beside a vanilla-model
-            # step at least), else its last steps alone; cached on disk
-            reference = self.finish_reference_inversion(inversion)
+        if inversion is not None:  # done by now where it rode (Stage 2 has a call of its own per step beside a
+            # vanilla-model step at least), else its last steps alone; cached on disk with any latent read beyond
+            self.finish_reference_inversion(inversion)
         if layout_features is not None and config.release_used_features:  # not held through the decode
             layout_features.features.entries.clear()
         if reference_recorder is not None:  # recorded in this Stage 2: every later prompt and seed reuses it
@@ -358,34 +398,63 @@ class LayoutRetouchPipeline:
         inverted latents (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and subject
         tokens, the plan's steps and layers, dtype, device and where they are kept.
         """
-        if not config.cache_reference_features or plan.ref_start is None:
+        # the inversion's cache key names what its latents are computed from (they may not all exist yet)
+        planned = self.reference_feature_plan(config, plan, neutral, reference.key or tensor_digest(*reference.latents),
+                                              reference.timesteps, latent_size, with_maps, home)
+        if planned is None:
             return None, None
-        unet, _ = self.models.select(True)
-        steps = len(reference.timesteps)
-        size = reference_feature_bytes(plan, unet, latent_size, steps, reference.latents[-1].element_size())
-        if not fits(size, config.reference_feature_budget_mb):
-            return None, None
-        start = 0 if with_maps else reference_start(plan, unet)
-        key = "|".join([
-            # the inversion's cache key names what its latents are computed from (they may not all exist yet)
-            weights_signature(unet), reference.key or tensor_digest(*reference.latents),
-            tensor_digest(*neutral.tensors()),
-            str([int(t) for t in reference.timesteps]), str(neutral.tokens), str(latent_size), str(start),
-            str(sorted(plan.ref_layers)), str(sorted(plan.map_layers)), str(plan.ref_start),
-            str((plan.ref_subject_only, plan.ref_mask_threshold)), str(self.dtype), str(self.execution_device),
-            str(home),
-        ])
+        key, start = planned
         found = self._reference_cache.lookup(key)
         if found is not None:
             return found, None
         return None, ReferenceRecorder(plan, home, key, start)
 
+    def reference_feature_plan(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
+                               reference_key: str, timesteps: torch.Tensor, latent_size: tuple[int, int],
+                               with_maps: bool = False, home: torch.device | None = None) -> tuple[str, int] | None:
+        """The reference features' cache key and the first step the reference path runs for them, or None
+        where they are not cached (switched off, no reference swap, over budget)."""
+        if not config.cache_reference_features or plan.ref_start is None:
+            return None
+        unet, _ = self.models.select(True)
+        element = torch.empty((), dtype=self.dtype).element_size()  # the inverted latents' dtype
+        size = reference_feature_bytes(plan, unet, latent_size, len(timesteps), element)
+        if not fits(size, config.reference_feature_budget_mb):
+            return None
+        start = 0 if with_maps else reference_start(plan, unet)
+        key = "|".join([
+            weights_signature(unet), reference_key, tensor_digest(*neutral.tensors()),
+            str([int(t) for t in timesteps]), str(neutral.tokens), str(latent_size), str(start),
+            str(sorted(plan.ref_layers)), str(sorted(plan.map_layers)), str(plan.ref_start),
+            str((plan.ref_subject_only, plan.ref_mask_threshold)), str(self.dtype), str(self.execution_device),
+            str(home),
+        ])
+        return key, start
+
+    def reference_reads_from(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
+                             reference_key: str, timesteps: torch.Tensor, latent_size: tuple[int, int],
+                             with_maps: bool = False, home: torch.device | None = None) -> int:
+        """The first step whose inverted reference latent this call's Stage 2 reads (`Retouch.paths`): where the
+        reference features are cached, none (len(timesteps): the clean latent only); where they are recorded,
+        the recorder's start; else every step. The inversion need not go deeper (config.truncate_inversion)."""
+        planned = self.reference_feature_plan(config, plan, neutral, reference_key, timesteps, latent_size,
+                                              with_maps, home)
+        if planned is None:
+            return 0
+        key, start = planned
+        return len(timesteps) if self._reference_cache.lookup(key) is not None else start
+
     def reference_reconstruction(self, reference: InversionTrajectory) -> Image.Image:
         """VAE decode of the reference's inverted clean latent, once per concept."""
+        return self.reconstruct(reference.latents[-1])
+
+    @torch.no_grad()  # also when read from an output after the call
+    def reconstruct(self, clean: torch.Tensor) -> Image.Image:
+        """VAE decode of a reference's clean latent, kept once per concept (and VAE weights)."""
         cache = self._reference_cache
-        key = tensor_digest(reference.latents[-1]) + weights_signature(self.models.vae)
+        key = tensor_digest(clean) + weights_signature(self.models.vae)
         if cache.reconstruction_key != key:
-            cache.reconstruction, cache.reconstruction_key = self.decode(reference.latents[-1], "pil")[0], key
+            cache.reconstruction, cache.reconstruction_key = self.decode(clean, "pil")[0], key
         return cache.reconstruction.copy()
 
     # --- the pieces, each usable alone
@@ -451,16 +520,23 @@ class LayoutRetouchPipeline:
         cached = cache.load(key, self.execution_device, self.dtype)
         if cached is not None:
             return cached, None
+        partial = cache.load_partial(key, self.execution_device, self.dtype)  # a truncated one goes on from there
+        if partial is not None:
+            inversion = DDIMInversion(models.scheduler, partial[0], timesteps, prompt.cond, prompt.added, partial)
+            return None, PendingInversion(inversion, cache, key, saved=len(partial))
         latent = encode_image(models.vae, image, models.architecture).to(self.dtype)
         inversion = DDIMInversion(models.scheduler, latent, timesteps, prompt.cond, prompt.added)
         return None, PendingInversion(inversion, cache, key)
 
     def finish_reference_inversion(self, pending: PendingInversion) -> InversionTrajectory:
-        """Take the inversion's remaining steps (all of them if nothing carried it) and cache the result."""
+        """Take the inversion's remaining steps down to its `stop` (all of them if nothing carried it) and cache
+        the latents inverted so far, where there are more than the disk holds."""
         unet, _ = self.models.select(True)
         trajectory = pending.steps.run(unet, self.progress)
         trajectory.key = pending.key
-        pending.cache.save(pending.key, trajectory)
+        if len(pending.steps.states) > pending.saved:
+            pending.cache.save(pending.key, trajectory)
+            pending.saved = len(pending.steps.states)
         return trajectory
 
     def invert_layout(self, trajectory: LayoutTrajectory, timesteps: torch.Tensor) -> LayoutTrajectory:

@@ -6,6 +6,7 @@ different parts of the recorded features. No timings here: benchmarks/speed.py m
 """
 
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import layout_retouch.source_features as source_features
 import layout_retouch.stage2_retouch as stage2_retouch
 from layout_retouch.config import STRAIGHTFORWARD, LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
-from layout_retouch.inversion import DDIMInversion, ddim_invert
+from layout_retouch.inversion import DDIMInversion, InversionCache, ddim_invert
 from layout_retouch.pipeline import LayoutRetouchPipeline
 from layout_retouch.sampling import encode_text
 from layout_retouch.source_features import HOST, feature_homes
@@ -32,6 +33,10 @@ SWITCHES = {"record_layout": dict(record_layout_features=True), "cache_reference
             "batch_maps": dict(batch_subject_maps=True),
             # alone it would leave nothing to ride with a layout on the vanilla model at step 0 (TINY: T_l = 1)
             "pipeline_stages": dict(pipeline_stages=True, record_layout_features=True),
+            # alone it would change nothing: without recorded reference features the reference reads every latent
+            "truncate_inversion": dict(truncate_inversion=True, cache_reference_features=True,
+                                       share_inversion_calls=True),
+            "defer_reconstruction": dict(defer_reference_reconstruction=True),
             "all": ALL, "all_offloaded": dict(ALL, feature_offload=True)}
 PROMPT = "a sks dog in the snow"
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # float rounding of other batch shapes, no more
@@ -186,7 +191,9 @@ def test_recorded_sources_do_not_run_again(pipe, tmp_path):
     # once, from S_ref (the tiny UNet's map layers come before its reference layers: the key mask at S_ref reads
     # that step's map, not the step before's)
     reference_pass = (STEPS - TINY["ref_start_step"]) * 2
-    assert fast.rows == inversion + reference_pass + 2 * (stage1 + STEPS * 2 * n)
+    # the inversion only as deep as the reference path reads it: up to S_ref's latent (truncate_inversion)
+    truncated = STEPS - TINY["ref_start_step"]
+    assert fast.rows == truncated + reference_pass + 2 * (stage1 + STEPS * 2 * n)
     assert pipe._reference_cache.computed == 1
     # ... inside the first prompt's Stage 2 calls: no separate reference pass; the inversion's steps ride in
     # Stage 1's calls, and those beside the steps on the vanilla model (another UNet) in Stage 2's; Stage 2's
@@ -195,6 +202,72 @@ def test_recorded_sources_do_not_run_again(pipe, tmp_path):
     assert straight.calls == inversion + 2 * (STEPS + STEPS + vanilla)  # Stage 2's layout on vanilla: own call
     mask_start = LayoutRetouchConfig(**TINY).mask_start
     assert 0 < vanilla < STEPS and 0 < mask_start and fast.calls == 2 * (STEPS + STEPS - mask_start)
+
+
+def stored_inversion(folder) -> tuple[str, torch.Tensor]:
+    """The one trajectory an inversion cache folder holds: its kind (complete or partial) and its latents."""
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == 1, files
+    key, _, kind = files[0].name.removesuffix(".safetensors").partition(".")
+    cache = InversionCache(folder)
+    if kind == "partial":
+        return kind, torch.cat(cache.load_partial(key, "cpu", torch.float32)[::-1])
+    return "complete", torch.cat(cache.load(key, "cpu", torch.float32).latents)
+
+
+def test_the_inversion_goes_only_as_deep_as_stage_2_reads(pipe, tmp_path):
+    """truncate_inversion: a concept's first call inverts the reference only up to S_ref's latent (the reference
+    path runs from there to record its features), S_ref rows fewer in the same calls, the same images; the disk
+    holds that part of a full inversion. A later call that reads deeper (maps saved: the reference from step 0)
+    goes on from the deepest latent, to the full inversion's latents and images, without its first steps."""
+    start = TINY["ref_start_step"]  # the tiny UNet's reference runs from S_ref (test above)
+    with RowCounter(pipe) as full_rows:
+        full = generate(pipe, tmp_path / "full", method="V", truncate_inversion=False)
+    pipe.clear_feature_cache()
+    with RowCounter(pipe) as truncated_rows:
+        truncated = generate(pipe, tmp_path / "truncated", method="V")
+    assert truncated_rows.rows == full_rows.rows - start and truncated_rows.calls == full_rows.calls
+    assert torch.allclose(truncated.images, full.images, **TOLERANCE)
+    kind, latents = stored_inversion(tmp_path / "truncated")
+    _, full_latents = stored_inversion(tmp_path / "full")
+    assert kind == "partial" and len(latents) == STEPS - start + 1 and len(full_latents) == STEPS + 1
+    assert torch.allclose(latents, full_latents[start:], **TOLERANCE)  # latents[k] is step k's; the clean last
+
+    with RowCounter(pipe) as deeper_full:
+        expected = generate(pipe, tmp_path / "full_maps", method="V", intermediates=True, truncate_inversion=False)
+    pipe.clear_feature_cache()  # (the features it recorded would serve the next call: no latent read at all)
+    with RowCounter(pipe) as deeper:
+        extended = generate(pipe, tmp_path / "truncated", method="V", intermediates=True)
+    assert deeper.rows == deeper_full.rows - (STEPS - start)  # the steps on disk are not taken again
+    assert torch.allclose(extended.images, expected.images, **TOLERANCE)
+    kind, latents = stored_inversion(tmp_path / "truncated")
+    assert kind == "complete" and torch.allclose(latents, full_latents, **TOLERANCE)
+
+
+def test_the_reference_reconstruction_is_decoded_when_first_read(pipe, tmp_path, monkeypatch):
+    """defer_reference_reconstruction: no VAE decode for it in the call; the first read makes the eager call's
+    image, later reads and the concept's later outputs reuse it; a pickle holds the image; BaseOutput's keys are
+    the eager output's."""
+    vae, decodes = pipe.models.vae, []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs))
+    eager = generate(pipe, tmp_path, method="V", defer_reference_reconstruction=False)
+    eager_decodes = len(decodes)
+    pipe.clear_feature_cache()  # and the kept reconstruction
+    decodes.clear()
+    lazy = generate(pipe, tmp_path, method="V")
+    assert len(decodes) == eager_decodes - 1
+    image = lazy.reference_reconstruction
+    assert len(decodes) == eager_decodes and image.tobytes() == eager.reference_reconstruction.tobytes()
+    assert lazy.reference_reconstruction is image and len(decodes) == eager_decodes
+    other = generate(pipe, tmp_path, prompt="a sks dog on the beach", method="V")
+    decodes.clear()
+    assert other.reference_reconstruction.tobytes() == image.tobytes() and not decodes
+    assert list(lazy.keys()) == list(eager.keys())
+    unread = generate(pipe, tmp_path, method="V", seed=9)
+    pipe.clear_feature_cache()
+    copied = pickle.loads(pickle.dumps(unread))
+    assert copied.reference_reconstruction.tobytes() == image.tobytes()
 
 
 def test_the_reference_runs_from_the_step_before_s_ref_only_where_its_map_would_come_late(pipe):
