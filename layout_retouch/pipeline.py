@@ -246,9 +246,14 @@ class LayoutRetouchPipeline:
             plan = build_plan(config, models.pipe.unet, swap_layout=config.uses_layout_path, swap_reference=True,
                               blend=config.uses_mask_blending)
         homes = self.feature_homes(config, plan, latent_size, n)
+        feature_plan = None  # the reference features' key and first step, worked out once per call
+        if config.uses_reference:
+            reference_key = inversion.key if inversion is not None else \
+                reference.key or tensor_digest(*reference.latents)
+            feature_plan = self.reference_feature_plan(config, plan, cond.neutral, reference_key, timesteps,
+                                                       latent_size, save_intermediates, homes[0])
         if inversion is not None and config.truncate_inversion:  # only as deep as this call reads it
-            inversion.steps.stop = self.reference_reads_from(config, plan, cond.neutral, inversion.key, timesteps,
-                                                             latent_size, save_intermediates, homes[0])
+            inversion.steps.stop = self.reference_reads_from(feature_plan, timesteps)
         layout_features = self.layout_feature_recorder(config, plan, latent_size, n, homes[1])
         layout_recorder = None
         if config.uses_mask_blending or save_intermediates or layout_features is not None:
@@ -273,8 +278,7 @@ class LayoutRetouchPipeline:
             controller = AttentionController(plan, latent_size=latent_size, keep_map_history=save_intermediates)
             if layout_features is not None:
                 controller.features[LAYOUT] = layout_features.features
-            reference_features, reference_recorder = self.reference_features(
-                config, plan, cond.neutral, reference, latent_size, save_intermediates, homes[0])
+            reference_features, reference_recorder = self.reference_features(feature_plan, plan, homes[0])
             if reference_features is not None:
                 controller.features[REFERENCE] = reference_features
             controller.recorder = reference_recorder
@@ -387,20 +391,14 @@ class LayoutRetouchPipeline:
             return None
         return LayoutRecorder(plan, home, release=config.release_used_features)
 
-    def reference_features(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
-                           reference: InversionTrajectory, latent_size: tuple[int, int], with_maps: bool = False,
+    def reference_features(self, planned: tuple[str, int] | None, plan: ControlPlan,
                            home: torch.device | None = None) -> tuple[SourceFeatures | None, ReferenceRecorder | None]:
         """The reference path's K/V per step and layer: cached once per concept, or a recorder to fill the cache.
 
         On a miss the reference runs inside this call's Stage 2 (from S_ref, or the step before where that
         lends its subject map: `reference_start`) and the recorder keeps what later calls need, so no separate
-        pass runs. The key covers everything they depend on: the personalized UNet's weights, the reference's
-        inverted latents (so its photo, size, schedule and the VAE), the neutral prompt's embeddings and subject
-        tokens, the plan's steps and layers, dtype, device and where they are kept.
+        pass runs. `planned`: `reference_feature_plan`'s key and first step (None: not cached).
         """
-        # the inversion's cache key names what its latents are computed from (they may not all exist yet)
-        planned = self.reference_feature_plan(config, plan, neutral, reference.key or tensor_digest(*reference.latents),
-                                              reference.timesteps, latent_size, with_maps, home)
         if planned is None:
             return None, None
         key, start = planned
@@ -413,7 +411,13 @@ class LayoutRetouchPipeline:
                                reference_key: str, timesteps: torch.Tensor, latent_size: tuple[int, int],
                                with_maps: bool = False, home: torch.device | None = None) -> tuple[str, int] | None:
         """The reference features' cache key and the first step the reference path runs for them, or None
-        where they are not cached (switched off, no reference swap, over budget)."""
+        where they are not cached (switched off, no reference swap, over budget).
+
+        The key covers everything they depend on: the personalized UNet's weights, the reference's inversion
+        (`reference_key`, the inversion cache's key of its photo, size, schedule, prompt and models: the latents
+        may not all exist yet), the neutral prompt's embeddings and subject tokens, the plan's steps and layers,
+        dtype, device and where they are kept.
+        """
         if not config.cache_reference_features or plan.ref_start is None:
             return None
         unet, _ = self.models.select(True)
@@ -431,14 +435,11 @@ class LayoutRetouchPipeline:
         ])
         return key, start
 
-    def reference_reads_from(self, config: LayoutRetouchConfig, plan: ControlPlan, neutral: Conditioning,
-                             reference_key: str, timesteps: torch.Tensor, latent_size: tuple[int, int],
-                             with_maps: bool = False, home: torch.device | None = None) -> int:
-        """The first step whose inverted reference latent this call's Stage 2 reads (`Retouch.paths`): where the
-        reference features are cached, none (len(timesteps): the clean latent only); where they are recorded,
-        the recorder's start; else every step. The inversion need not go deeper (config.truncate_inversion)."""
-        planned = self.reference_feature_plan(config, plan, neutral, reference_key, timesteps, latent_size,
-                                              with_maps, home)
+    def reference_reads_from(self, planned: tuple[str, int] | None, timesteps: torch.Tensor) -> int:
+        """The first step whose inverted reference latent this call's Stage 2 reads (`Retouch.paths`), given
+        `reference_feature_plan`'s answer: where the reference features are cached, none (len(timesteps): the
+        clean latent only); where they are recorded, the recorder's start; else every step. The inversion need
+        not go deeper (config.truncate_inversion)."""
         if planned is None:
             return 0
         key, start = planned
