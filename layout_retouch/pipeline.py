@@ -445,10 +445,6 @@ class LayoutRetouchPipeline:
         key, start = planned
         return len(timesteps) if self._reference_cache.lookup(key) is not None else start
 
-    def reference_reconstruction(self, reference: InversionTrajectory) -> Image.Image:
-        """VAE decode of the reference's inverted clean latent, once per concept."""
-        return self.reconstruct(reference.latents[-1])
-
     @torch.no_grad()  # also when read from an output after the call
     def reconstruct(self, clean: torch.Tensor) -> Image.Image:
         """VAE decode of a reference's clean latent, kept once per concept (and VAE weights)."""
