@@ -19,6 +19,10 @@ db_steps=${DB_STEPS:-1500}
 init=${INIT:+--init-from $INIT}
 M=layout_retouch/toyworld/models
 if [ "$arch" = v4 ]; then vae_from=${VAE_FROM:-checkpoints/toyworld_v4/vanilla}; else vae_from=${VAE_FROM:-$M/vanilla}; fi
+if [ ! -f "$vae_from/vae/config.json" ]; then
+    echo "no VAE in $vae_from/vae: ARCH=v4 needs the factor-2 VAE (toyworld/README.md, 'The 32x32 candidate')" >&2
+    exit 2
+fi
 W=/tmp/toyworld_$arch
 mkdir -p $W/models
 start=$(date +%s)
