@@ -176,11 +176,17 @@ class AttentionController:
                     subject = probs[:, path.cond][..., tokens].mean(-1).mean(2)  # over subject tokens, then heads
                     self.maps.setdefault(path.role, []).append(subject.view(len(layers), -1, h, w).float())
 
-    def subject_map(self, role: str) -> torch.Tensor | None:
-        """This step's mean subject map of `role`, or the last step's if none has run yet."""
+    def subject_map(self, role: str, complete: bool = False) -> torch.Tensor | None:
+        """This step's mean subject map of `role`, or the last step's if none has run yet.
+
+        `complete`: the last step's also where only some of the map layers have run this step (a blend layer
+        that comes before the decoder's map layers, as in a small UNet; in SD 1.x/2.x and SDXL the blend layers
+        follow every map layer), unless there is no last step: one encoder layer's map is not the step's map.
+        """
         self._flush_maps()
         maps = self.maps.get(role)
-        if maps:
+        partial = maps and sum(len(m) for m in maps) < len(self.plan.map_layers)
+        if maps and not (complete and partial and role in self.previous_maps):
             return _layer_mean(maps)
         return self.previous_maps.get(role)
 

@@ -40,7 +40,7 @@ class MaskBuilder:
     history: list[torch.Tensor] = field(default_factory=list)
 
     def __call__(self, controller: AttentionController) -> torch.Tensor:
-        subject = controller.subject_map(TARGET)
+        subject = controller.subject_map(TARGET, complete=True)
         n = len(self.sam_masks)
         if subject is None:  # no map yet: blend nothing away
             return torch.ones(n, *self.latent_size)

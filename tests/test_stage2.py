@@ -420,3 +420,19 @@ def test_full_method_composes_with_adapted_attention(tiny_dir, cache_dir, person
     tuned.models.switch = None
     tuned.models._state = None
     assert not torch.allclose(result, full(tuned), atol=1e-4)
+
+
+def test_the_mask_reads_a_whole_steps_subject_map_not_the_first_layers_alone():
+    """A blend layer that runs before some map layers (a small UNet's decoder) builds M from the last step's
+    map of every map layer; the reference's key mask keeps reading the step so far."""
+    controller = AttentionController(ControlPlan(map_layers={"enc", "dec"}), latent_size=(2, 2))
+    full = [torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2)]
+    controller.begin_step(0)
+    controller.add_maps(TARGET, full[0][0])
+    assert torch.equal(controller.subject_map(TARGET, complete=True), full[0][0])  # no step before: the partial
+    controller.add_maps(TARGET, full[1][0])
+    controller.begin_step(1)
+    encoder_only = torch.rand(1, 2, 2)
+    controller.add_maps(TARGET, encoder_only)
+    assert torch.allclose(controller.subject_map(TARGET, complete=True), (full[0][0] + full[1][0]) / 2)
+    assert torch.equal(controller.subject_map(TARGET), encoder_only)
