@@ -185,10 +185,9 @@ class AttentionController:
         """
         self._flush_maps()
         maps = self.maps.get(role)
-        partial = maps and sum(len(m) for m in maps) < len(self.plan.map_layers)
-        if maps and not (complete and partial and role in self.previous_maps):
-            return _layer_mean(maps)
-        return self.previous_maps.get(role)
+        if maps and complete and role in self.previous_maps and sum(map(len, maps)) < len(self.plan.map_layers):
+            return self.previous_maps[role]
+        return _layer_mean(maps) if maps else self.previous_maps.get(role)
 
     def run_map(self, role: str) -> torch.Tensor | None:
         """Mean subject map of `role` over all finished steps of the run."""
