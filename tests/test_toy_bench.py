@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layout_retouch.errors import PromptError
+from layout_retouch.errors import LayoutRetouchError, PromptError
 from layout_retouch.toyworld.bench import calls_for
 from layout_retouch.toyworld.bench_prompts import BenchPrompt, default_prompts, load_prompt_file
 from layout_retouch.toyworld.bench_stats import center_spread, image_record, summarize
@@ -168,3 +168,22 @@ def test_step_indexed_settings_keep_their_share_of_the_trajectory(tmp_path):
         [0, 5, 10, 15, 20]
     # The default point is shared by the three sweeps, not run three times.
     assert points["tl5_sref4_smask4"]["swept"] == ["vanilla_steps", "ref_start_step", "mask_start_step"]
+
+
+def test_toy_bench_config_file_reaches_every_row_and_bad_keys_fail_early(tmp_path):
+    from layout_retouch.cli import build_parser
+    from layout_retouch.cli.toy_bench import settings_from_args
+
+    good = tmp_path / "tl.json"
+    good.write_text('{"vanilla_steps": 15}')
+    settings = settings_from_args(build_parser().parse_args(["toy-bench", "--quick", "--steps", "50",
+                                                            "--config", str(good)]))
+    assert settings.overrides == {"vanilla_steps": 15}
+    assert settings.config("V").num_vanilla_steps == 15 and settings.config("II").num_vanilla_steps == 15
+    assert settings.config("I").num_vanilla_steps == 0  # row I stays plain personalized sampling
+    for text, words in (('{"vanila_steps": 15}', "unknown config keys: vanila_steps"),
+                        ('{"method": "V"}', "chosen per row")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(LayoutRetouchError, match=words):
+            settings_from_args(build_parser().parse_args(["toy-bench", "--quick", "--config", str(bad)]))

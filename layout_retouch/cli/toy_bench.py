@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also run the paper's baselines (FreeU, MagicFusion, DreamMatcher) as rows of their own")
     p.add_argument("--models", type=Path, help="folder holding vanilla/, references/ and sks_star_* "
                    "(default: the shipped toy models)")
+    p.add_argument("--config", help="JSON file of LayoutRetouchConfig values on top of the toy world's settings, "
+                   'e.g. {"vanilla_steps": 15} (the T_l a sweep picked); every row and sweep point takes them')
     add_threads_option(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -73,7 +75,23 @@ def settings_from_args(args):
     return BenchSettings(out=Path(args.out), prompts=prompts, seeds=seeds, steps=steps, personalizations=names,
                          methods=tuple(m for m in METHODS if m in args.methods)
                          + (BASELINES if getattr(args, "baselines", False) else ()),
-                         models_dir=args.models or TOY_MODELS)
+                         models_dir=args.models or TOY_MODELS,
+                         overrides=bench_overrides(getattr(args, "config", None)))
+
+
+def bench_overrides(path: str | None) -> dict:
+    """The --config file's values, checked now (unknown keys, types, ranges) rather than at the first unit."""
+    from layout_retouch.cli.options import read_config_file
+    from layout_retouch.config import LayoutRetouchConfig
+
+    if path is None:
+        return {}
+    values = read_config_file(path)
+    if "method" in values:
+        raise LayoutRetouchError(f"config file {path}: 'method' is chosen per row by the bench (--methods); "
+                                 "leave it out")
+    LayoutRetouchConfig.from_dict(values)
+    return values
 
 
 def run(args) -> int:
