@@ -3,7 +3,7 @@
 # toy-world UNet candidate from scratch on the GPU, its DreamBooth, and the probes that decide whether its
 # self-attention carries the subject's place (P6 routing, P1, P1b, P2), in under 10 minutes.
 #   ARCH=v3 STEPS=8000 bash benchmarks/gpu_session_toyworld.sh      (ARCH: a name in components.UNET_ARCHITECTURES)
-# INIT=checkpoints/toyworld_v2/vanilla continues that committed UNet instead (with ARCH=v2). The VAE and text
+# INIT=layout_retouch/toyworld/models/vanilla continues the shipped v2 UNet instead (with ARCH=v2). The VAE and text
 # encoder are the shipped ones, frozen (ARCH=v4, the 32x32 latent, takes the factor-2 VAE of VAE_FROM, default
 # checkpoints/toyworld_v4/vanilla); the recipe is toyworld/README.md's (batch 32, scene left out of 40%
 # of captions). The weights stay on the machine (too large to come back); probes.md/json, the quality report

@@ -15,9 +15,10 @@ TOY_MODELS = Path(__file__).resolve().parent / "models"
 TOKEN, CLASS_WORD = PERSONAL_TOKEN, PERSONAL_CLASS
 VANILLA, DREAMBOOTH, REFERENCES, ORACLES = "vanilla", "sks_star_dreambooth", "references", "oracles"
 REFERENCE_NAME = "sks_star_00.png"  # the reference photo Stage 2 borrows appearance from
-# The toy UNet has cross-attention at 1/2 and 1/4 of its 16x16 latent; 1/4 (4x4) is too coarse for a
-# mask, so the toy world reads the 8x8 maps (ALGORITHM.md allows 1/2 for small UNets). Its segmenter is
-# the toy world's oracle, plugged in where SAM would be. Everything else is the paper's default.
+# The toy UNet (v2, toyworld/README.md) has cross-attention at 1/1, 1/2 and 1/4 of its 16x16 latent; the
+# paper's 1/4 (4x4) is too coarse for a mask, so the toy world reads the 8x8 maps (ALGORITHM.md allows 1/2
+# for small UNets). Its segmenter is the toy world's oracle, plugged in where SAM would be. Everything else
+# is the paper's default.
 TOY_METHOD = dict(segmenter="toy", mask_attention_resolution=0.5)
 
 
