@@ -94,10 +94,10 @@ def test_grown_unet_computes_what_its_checkpoint_did(tmp_path):
 
 
 def test_shipped_unet_has_the_recipe_architecture():
-    from layout_retouch.toyworld.components import build_unet
+    from layout_retouch.toyworld.components import SHIPPED_UNET_ARCH, UNET_ARCHITECTURES
 
     shipped = json.loads((VANILLA / "unet" / "config.json").read_text())
-    recipe = build_unet().config
+    recipe = UNET_ARCHITECTURES[SHIPPED_UNET_ARCH]().config
     for key in ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
                 "cross_attention_dim", "attention_head_dim", "sample_size"):
         assert list(np.atleast_1d(shipped[key])) == list(np.atleast_1d(recipe[key])), key

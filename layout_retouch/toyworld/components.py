@@ -47,8 +47,8 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def build_unet(full_res_decoder_attention: bool = True) -> UNet2DConditionModel:
-    """The shipped UNet; `full_res_decoder_attention=False` is the first layout (no attention at 16x16),
-    which the shipped model was grown from (train_vanilla.py --grow-from)."""
+    """The first toy world's UNet (v1, shipped before v2); `full_res_decoder_attention=False` is its first
+    layout (no attention at 16x16), which it was grown from (train_vanilla.py --grow-from)."""
     last_up = "CrossAttnUpBlock2D" if full_res_decoder_attention else "UpBlock2D"
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4,
@@ -110,6 +110,7 @@ def build_unet_v4() -> UNet2DConditionModel:
 # Toy UNet layouts by name (train_vanilla.py --arch): "v1" the shipped first layout, "v2" every block attends,
 # "v3" every block attends twice, "v4" v2 on the 32x32 latent (needs the factor-2 VAE, --vae-factor 2).
 UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2, "v3": build_unet_v3, "v4": build_unet_v4}
+SHIPPED_UNET_ARCH = "v2"  # the layout of models/vanilla/unet (toyworld/README.md, "Which UNet is shipped")
 # The VAE factor each UNet layout's latent side assumes (64 px images).
 UNET_VAE_FACTOR = {"v1": 4, "v2": 4, "v3": 4, "v4": 2}
 
