@@ -107,7 +107,7 @@ def build_unet_v4() -> UNet2DConditionModel:
     )
 
 
-# Toy UNet layouts by name (train_vanilla.py --arch): "v1" the shipped first layout, "v2" every block attends,
+# Toy UNet layouts by name (train_vanilla.py --arch): "v1" the first world's layout, "v2" every block attends (shipped),
 # "v3" every block attends twice, "v4" v2 on the 32x32 latent (needs the factor-2 VAE, --vae-factor 2).
 UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2, "v3": build_unet_v3, "v4": build_unet_v4}
 SHIPPED_UNET_ARCH = "v2"  # the layout of models/vanilla/unet (toyworld/README.md, "Which UNet is shipped")
