@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PROMPTS = {"beach": "a photo of a sks star on the beach", "night": "a photo of a sks star at night",
-           "snow": "a photo of a sks star in the snow", "grass": "a photo of a sks star on the grass"}
 VARIANTS = {  # name -> (config changes, constant mask or None)
     "I": ({"method": "I"}, None),
     "II": ({"method": "II"}, None),
@@ -77,8 +75,11 @@ def mask_probe(constant: float | None, coverage: list[float]):
 def main() -> None:
     from layout_retouch.config import LayoutRetouchConfig
     from layout_retouch.pipeline import LayoutRetouchPipeline
+    from layout_retouch.toyworld.bench import scaled_step_settings
     from layout_retouch.toyworld.oracles import Oracles
-    from layout_retouch.toyworld.world import CLASS_WORD, DREAMBOOTH, TOKEN, TOY_METHOD, TOY_MODELS, VANILLA
+    from layout_retouch.toyworld.probes import CONTEXT_SCENES
+    from layout_retouch.toyworld.scene import SCENES
+    from layout_retouch.toyworld.world import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, find_toy_models
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("variants", nargs="*", help=f"names ({', '.join(VARIANTS)}) or METHOD:key=value,...")
@@ -89,12 +90,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    pipe = LayoutRetouchPipeline.from_pretrained(str(args.models / VANILLA),
-                                                 personalized=str(args.models / DREAMBOOTH), token=TOKEN,
+    vanilla, dreambooth, reference = find_toy_models(models=args.models)
+    pipe = LayoutRetouchPipeline.from_pretrained(str(vanilla), personalized=str(dreambooth), token=TOKEN,
                                                  class_word=CLASS_WORD, progress=False)
     oracles = Oracles.load()
-    reference = TOY_MODELS / "references" / "sks_star_00.png"
-    base = dict(num_inference_steps=args.steps, ref_start_step=round(4 * args.steps / 50), **TOY_METHOD)
+    prompts = {scene: f"a photo of a {TOKEN} {CLASS_WORD} {SCENES[scene]}" for scene in CONTEXT_SCENES}
+    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **TOY_METHOD)
     for name in args.variants or VARIANTS:
         changes, constant = VARIANTS[name] if name in VARIANTS else parse_variant(name)
         config = LayoutRetouchConfig(**{**base, **changes})
@@ -102,7 +103,7 @@ def main() -> None:
         rows = []
         start = time.perf_counter()
         with mask_probe(constant, coverage):
-            for scene, prompt in PROMPTS.items():
+            for scene, prompt in prompts.items():
                 out = pipe(prompt, reference, config=config, num_images_per_prompt=args.seeds,
                            generator=torch.Generator().manual_seed(42))
                 targets = oracles.read(out.images)
