@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU machine (issue 14; prepared on the CPU, not yet run on a GPU): train a
 # toy-world UNet candidate from scratch on the GPU, its DreamBooth, and the probes that decide whether its
-# self-attention carries the subject's place (P6 routing, P1, P1b, P2), in under 10 minutes.
+# self-attention carries the subject's place (P6 routing, P1, P1b, P2), the vanilla quality report (an
+# architecture is judged once its class accuracy is >= 0.9) and what its self-attention maps hold
+# (toyworld/attention_maps.py), in under 10 minutes.
 #   ARCH=v3 STEPS=8000 bash benchmarks/gpu_session_toyworld.sh      (ARCH: a name in components.UNET_ARCHITECTURES)
 # INIT=layout_retouch/toyworld/models/vanilla continues the shipped v2 UNet instead (with ARCH=v2). The VAE and text
 # encoder are the shipped ones, frozen (ARCH=v4, the 32x32 latent, takes the factor-2 VAE of VAE_FROM, default
@@ -33,6 +35,11 @@ python3 -m layout_retouch.toyworld.train_vanilla --stage unet --arch "$arch" --s
 python3 -m layout_retouch.toyworld.train_vanilla --export --arch "$arch" --text-encoder-from $M/vanilla \
     --vae-from "$vae_from" --work $W/work --out $W/models/vanilla 2>&1 | tail -1 | tee "$out/summary.txt"
 echo "vanilla: $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+timeout 90 python3 -m layout_retouch.toyworld.quality --model $W/models/vanilla --threads 16 \
+    --out "$out/quality" > "$out/quality.log" 2>&1
+timeout 60 python3 -m layout_retouch.toyworld.attention_maps --model $W/models/vanilla --threads 16 \
+    --json "$out/attention_maps.json" 2>/dev/null > "$out/attention_maps.md"
+echo "quality, maps: $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
 timeout 120 python3 -m layout_retouch.cli personalize --method dreambooth --base $W/models/vanilla \
     --photos $M/references --class-word star --seed 0 --batch-size 10 --token sks --train-text-encoder \
     --with-prior-preservation --class-prompt "a photo of a star" --num-class-images 50 \
