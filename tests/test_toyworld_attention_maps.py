@@ -59,3 +59,16 @@ def test_a_map_that_singles_out_the_subject():
     found = layer_measures(attention(identity_qk=True), a, torch.randn(1, SIDE * SIDE, DIM),
                            subject_in_top_left_quarter())
     assert found["grouping"] > 3.5  # the subject is a quarter of the tokens: at most 4
+
+
+def test_settling_reads_every_step_of_the_toy_world():
+    """On the shipped toy world: one distance per step; the last step's prediction of the clean image has the
+    final image's subject where the final image has it, the first step's not yet."""
+    from layout_retouch.toyworld.attention_maps import settling
+    from layout_retouch.toyworld.world import TOY_MODELS, VANILLA
+
+    torch.set_num_threads(1)
+    distances = settling(TOY_MODELS / VANILLA, seeds=4, steps=3, guidance=5.0)
+    assert len(distances) == 3
+    assert distances[-1] < 1.0
+    assert distances[0] > distances[-1]

@@ -17,6 +17,10 @@ output projection:
   the tokens (1 = the map does not single the subject out; the subject from the oracles' mask of A's
   final image, pooled to the layer's side).
 
+`--settling` measures instead when the subject's place is decided: per DDIM step, the distance from the
+subject's center on that step's prediction of the clean image to its center on the final image (median
+over seeds). A swap can move the place only while it is still open.
+
     python -m layout_retouch.toyworld.attention_maps [--model FOLDER] [--json FILE]
 """
 
@@ -36,15 +40,15 @@ from layout_retouch.toyworld.scene import SCENES
 from layout_retouch.toyworld.world import TOY_MODELS, VANILLA
 
 
-def record_self_attention_inputs(pipe, prompt: str, seeds: list[int], steps: int, guidance: float):
-    """(layer name -> [per step of the first half: the conditional rows' input to attn1, (n, tokens, dim)],
+def record_self_attention_inputs(pipe, prompt: str, seeds: list[int], steps: int, guidance: float, window: int):
+    """(layer name -> [per step of the first `window`: the conditional rows' input to attn1, (n, tokens, dim)],
     the final images)."""
     inputs: dict[str, list[torch.Tensor]] = {}
     calls = {"unet": 0}
 
     def hook_for(name):
         def hook(module, args, kwargs):
-            if calls["unet"] < steps // 2:
+            if calls["unet"] < window:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 inputs.setdefault(name, []).append(hidden[hidden.shape[0] // 2:].detach().float().clone())
         return hook
@@ -99,7 +103,10 @@ def layer_measures(attn, hidden_a: torch.Tensor, hidden_b: torch.Tensor, subject
             "output_swap": rel(pa @ va - out_b), "grouping": float(np.mean(lifts)) if lifts else float("nan")}
 
 
-def measure(model: Path, seeds: int, steps: int, guidance: float) -> dict[str, dict[str, float]]:
+def measure(model: Path, seeds: int, steps: int, guidance: float, window: int | None = None
+            ) -> dict[str, dict[str, float]]:
+    """`window`: how many of the first steps to measure (default half, P1's swap)."""
+    window = steps // 2 if window is None else window
     from diffusers import StableDiffusionPipeline
 
     from layout_retouch.toyworld.oracles import Oracles
@@ -114,9 +121,9 @@ def measure(model: Path, seeds: int, steps: int, guidance: float) -> dict[str, d
         if not batch:
             continue
         a, images = record_self_attention_inputs(pipe, f"a photo of a {color} {obj} {SCENES[scene_a]}", batch,
-                                                 steps, guidance)
+                                                 steps, guidance, window)
         b, _ = record_self_attention_inputs(pipe, f"a photo of a {color} {obj} {SCENES[scene_b]}",
-                                            [s + OTHER_NOISE for s in batch], steps, guidance)
+                                            [s + OTHER_NOISE for s in batch], steps, guidance, window)
         subject = torch.from_numpy(np.stack([reading.mask for reading in oracles.read(images)]))
         for name in a:
             for ha, hb in zip(a[name], b[name], strict=True):
@@ -125,17 +132,67 @@ def measure(model: Path, seeds: int, steps: int, guidance: float) -> dict[str, d
             for name, rows in per_layer.items()}
 
 
+@torch.no_grad()
+def settling(model: Path, seeds: int, steps: int, guidance: float) -> list[float]:
+    """Per step: median distance (px) of the subject on the predicted clean image to the final subject."""
+    from diffusers import StableDiffusionPipeline
+
+    from layout_retouch.toyworld.oracles import Oracles
+
+    oracles = Oracles.load()
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    step = pipe.scheduler.step
+    predicted: list[torch.Tensor] = []
+
+    def step_keeping_prediction(*args, **kwargs):
+        out = step(*args, **kwargs)
+        predicted.append(out[1] if isinstance(out, tuple) else out.pred_original_sample)
+        return out
+
+    pipe.scheduler.step = step_keeping_prediction
+    per_step: list[list[float]] = [[] for _ in range(steps)]
+    for variant, (color, obj, scene, _) in enumerate(P1_PAIRS):
+        batch = list(range(seeds))[variant::len(P1_PAIRS)]
+        if not batch:
+            continue
+        predicted.clear()
+        final_latents = pipe(f"a photo of a {color} {obj} {SCENES[scene]}", num_inference_steps=steps,
+                             guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in batch],
+                             num_images_per_prompt=len(batch), output_type="latent").images
+        latents = torch.cat([*predicted, final_latents])
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        readings = oracles.read(pipe.image_processor.postprocess(images, output_type="pil"))
+        final = readings[-len(batch):]
+        for k in range(steps):
+            for i, last in enumerate(final):
+                center = readings[k * len(batch) + i].center
+                per_step[k].append(float(np.hypot(center[0] - last.center[0], center[1] - last.center[1])))
+    return [float(np.median(d)) for d in per_step]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=TOY_MODELS / VANILLA, help="a vanilla pipeline folder")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--window", type=int, help="measure the first WINDOW steps (default: half, P1's swap)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settling", action="store_true", help="when the subject's place is decided, per step")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    table = measure(args.model, args.seeds, args.steps, args.guidance)
+    if args.settling:
+        distances = settling(args.model, args.seeds, args.steps, args.guidance)
+        print("| step | " + " | ".join(str(k) for k in range(args.steps)) + " |")
+        print("| --- |" + " --- |" * args.steps)
+        print("| px to the final place | " + " | ".join(f"{d:.1f}" for d in distances) + " |")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"median_center_distance_px": distances}, indent=2))
+        return 0
+    table = measure(args.model, args.seeds, args.steps, args.guidance, args.window)
     keys = list(next(iter(table.values())))
     print("| layer | " + " | ".join(keys) + " |")
     print("| --- |" + " --- |" * len(keys))
