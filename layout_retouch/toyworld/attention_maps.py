@@ -103,17 +103,22 @@ def layer_measures(attn, hidden_a: torch.Tensor, hidden_b: torch.Tensor, subject
             "output_swap": rel(pa @ va - out_b), "grouping": float(np.mean(lifts)) if lifts else float("nan")}
 
 
-def measure(model: Path, seeds: int, steps: int, guidance: float, window: int | None = None
-            ) -> dict[str, dict[str, float]]:
-    """`window`: how many of the first steps to measure (default half, P1's swap)."""
-    window = steps // 2 if window is None else window
+def load(model: Path):
+    """The vanilla pipeline of `model` (quiet) and the toy world's oracles."""
     from diffusers import StableDiffusionPipeline
 
     from layout_retouch.toyworld.oracles import Oracles
 
-    oracles = Oracles.load()
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe, Oracles.load()
+
+
+def measure(model: Path, seeds: int, steps: int, guidance: float, window: int | None = None
+            ) -> dict[str, dict[str, float]]:
+    """`window`: how many of the first steps to measure (default half, P1's swap)."""
+    window = steps // 2 if window is None else window
+    pipe, oracles = load(model)
     attns = dict(pipe.unet.named_modules())
     per_layer: dict[str, list[dict[str, float]]] = {}
     for variant, (color, obj, scene_a, scene_b) in enumerate(P1_PAIRS):
@@ -135,13 +140,7 @@ def measure(model: Path, seeds: int, steps: int, guidance: float, window: int | 
 @torch.no_grad()
 def settling(model: Path, seeds: int, steps: int, guidance: float) -> list[float]:
     """Per step: median distance (px) of the subject on the predicted clean image to the final subject."""
-    from diffusers import StableDiffusionPipeline
-
-    from layout_retouch.toyworld.oracles import Oracles
-
-    oracles = Oracles.load()
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, oracles = load(model)
     step = pipe.scheduler.step
     predicted: list[torch.Tensor] = []
 
