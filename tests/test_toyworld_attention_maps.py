@@ -38,9 +38,12 @@ def two_region_features(scale: float) -> torch.Tensor:
 
 def test_same_input_in_both_images_changes_nothing():
     hidden = torch.randn(1, SIDE * SIDE, DIM)
-    found = layer_measures(attention(identity_qk=False), hidden, hidden, subject_in_top_left_quarter())
+    found = layer_measures(attention(identity_qk=True), hidden, hidden, subject_in_top_left_quarter())
     assert found["map_swap"] == pytest.approx(0, abs=1e-6)
     assert found["output_swap"] == pytest.approx(0, abs=1e-6)
+    other = layer_measures(attention(identity_qk=True), torch.randn(1, SIDE * SIDE, DIM), hidden,
+                           subject_in_top_left_quarter())
+    assert other["map_swap"] > 0.1 and other["output_swap"] > 0.1  # another image: another map, other values
 
 
 def test_uniform_map_carries_nothing():
