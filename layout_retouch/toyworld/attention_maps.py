@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layout_retouch.toyworld.probes import OTHER_NOISE, P1_PAIRS
+from layout_retouch.toyworld.probes import OTHER_NOISE, P1_PAIRS, distance, groups
 from layout_retouch.toyworld.scene import SCENES
 from layout_retouch.toyworld.world import TOY_MODELS, VANILLA
 
@@ -121,10 +121,8 @@ def measure(model: Path, seeds: int, steps: int, guidance: float, window: int | 
     pipe, oracles = load(model)
     attns = dict(pipe.unet.named_modules())
     per_layer: dict[str, list[dict[str, float]]] = {}
-    for variant, (color, obj, scene_a, scene_b) in enumerate(P1_PAIRS):
-        batch = list(range(seeds))[variant::len(P1_PAIRS)]
-        if not batch:
-            continue
+    for variant, batch in groups(list(range(seeds)), len(P1_PAIRS)):
+        color, obj, scene_a, scene_b = P1_PAIRS[variant]
         a, images = record_self_attention_inputs(pipe, f"a photo of a {color} {obj} {SCENES[scene_a]}", batch,
                                                  steps, guidance, window)
         b, _ = record_self_attention_inputs(pipe, f"a photo of a {color} {obj} {SCENES[scene_b]}",
@@ -151,10 +149,8 @@ def settling(model: Path, seeds: int, steps: int, guidance: float) -> list[float
 
     pipe.scheduler.step = step_keeping_prediction
     per_step: list[list[float]] = [[] for _ in range(steps)]
-    for variant, (color, obj, scene, _) in enumerate(P1_PAIRS):
-        batch = list(range(seeds))[variant::len(P1_PAIRS)]
-        if not batch:
-            continue
+    for variant, batch in groups(list(range(seeds)), len(P1_PAIRS)):
+        color, obj, scene, _ = P1_PAIRS[variant]
         predicted.clear()
         final_latents = pipe(f"a photo of a {color} {obj} {SCENES[scene]}", num_inference_steps=steps,
                              guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in batch],
@@ -166,7 +162,7 @@ def settling(model: Path, seeds: int, steps: int, guidance: float) -> list[float
         for k in range(steps):
             for i, last in enumerate(final):
                 center = readings[k * len(batch) + i].center
-                per_step[k].append(float(np.hypot(center[0] - last.center[0], center[1] - last.center[1])))
+                per_step[k].append(distance(center, last.center))
     return [float(np.median(d)) for d in per_step]
 
 
