@@ -74,6 +74,22 @@ def test_injection_changes_the_target_and_is_void_for_its_own_source(world):
     assert torch.allclose(own, plain, atol=1e-5)  # its own Q, K: the same attention
 
 
+def test_a_replayed_source_stays_as_given_and_steers_the_target(world):
+    """P1's "settled" run: the source's finished image lends its Q, K on every step without being denoised."""
+    timesteps = world.timesteps(STEPS)
+    a = world.conditioning("a photo of a red star on the beach", False)
+    b = world.conditioning("a photo of a red star in the snow", False)
+    za, zb = world.noise(0), world.noise(500)
+    plain = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), ControlPlan(),
+                           timesteps, 5.0)[1]
+    finished = PathInput(LAYOUT, za, False, a, timestep=torch.tensor(0))
+    kept, steered = world.lockstep(finished, PathInput(TARGET, zb, False, b), early_map_plan(STEPS), timesteps, 5.0)
+    assert torch.equal(kept, za)
+    assert not torch.allclose(steered, plain, atol=1e-3)
+    alone = world.lockstep(finished, PathInput(TARGET, zb, False, b), ControlPlan(), timesteps, 5.0)[1]
+    assert torch.allclose(alone, plain, atol=1e-5)
+
+
 def test_p1_bar_is_relative_to_its_baseline():
     flat = {"P1.median_center_distance_px": 6.0, "P1.baseline_median_center_distance_px": 21.0}
     assert passes("P1.median_center_distance_px", flat)
@@ -87,7 +103,7 @@ def test_probes_report_every_headline_number(world, tmp_path):
     run = run_probes(settings, log=lambda text: None)
     table = markdown_table({"shipped": run.results})
     for key in ("P1.median_center_distance_px", "P1.baseline_median_center_distance_px", "P1.scene_rate",
-                "P1b.median_center_distance_px", "P2.paper_layers_scene_agreement",
+                "P1.settled_source_median_center_distance_px", "P1b.median_center_distance_px", "P2.paper_layers_scene_agreement",
                 "P2.all_layers_scene_agreement", "P3.color_transfer_rate", "P4.min_block_contribution",
                 "P5.final_iou", "P6.baseline_median_center_distance_px",
                 "P6.self_attention_16_median_center_distance_px", "P6.stream_4_median_center_distance_px"):

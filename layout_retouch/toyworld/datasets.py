@@ -46,13 +46,14 @@ def is_held_out(spec: SceneSpec) -> bool:
     return code % 7 == 0
 
 
-def generic_sample(seed: int, split: str = "all") -> RenderResult:
-    """A generic scene; `split` "train" skips held-out combinations, "held_out" keeps only those."""
+def generic_sample(seed: int, split: str = "all", texture: float = 0.0) -> RenderResult:
+    """A generic scene; `split` "train" skips held-out combinations, "held_out" keeps only those;
+    `texture` as in `render`."""
     rng = np.random.default_rng([seed, 11])
     while True:
         spec = feasible_spec(rng)
         if split == "all" or is_held_out(spec) == (split == "held_out"):
-            return render(spec, seed)
+            return render(spec, seed, texture=texture)
 
 
 def vae_sample(seed: int) -> RenderResult:

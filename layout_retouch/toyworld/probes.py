@@ -8,7 +8,10 @@ bootstrap interval, measured by the toy world's oracles; `layout-retouch toy-pro
 - P1 structure: vanilla model, prompts A and B differing only in the scene, B from other noise than A;
   A's self-attention Q, K injected into B in every self-attention layer over the first half of the
   steps (the method's early "map" swap): median subject-center distance B to A, with and without;
-  also with A's whole self-attention layer outputs in place of B's (the "qkv" swap, an upper bound).
+  also with A's whole self-attention layer outputs in place of B's (the "qkv" swap, an upper bound), and
+  with the Q, K of A's finished image on every step ("settled": A's place is decided in its first two or
+  three steps, while its maps at those steps hardly single the subject out; this tells a map that comes
+  too early from one that cannot carry place at all).
 - P1b the method's own case: the DreamBooth target from P_n and the layout's noise, the layout's Q, K in
   every self-attention layer over the first half: median distance of the target's subject to the layout's.
 - P2 blend bound: Stage 2 with M = 0 (the target takes the layout's self-attention layer outputs) in the
@@ -128,17 +131,22 @@ class World:
     @torch.no_grad()
     def lockstep(self, source: PathInput, target: PathInput, plan: ControlPlan, timesteps, guidance: float,
                  controller: AttentionController | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoise a source and a target side by side (each its own DDIM steps) under `plan`."""
+        """Denoise a source and a target side by side (each its own DDIM steps) under `plan`.
+
+        A source with a `timestep` is replayed instead: the same latents at that timestep on every step."""
         controller = controller or AttentionController(plan, latent_size=self.latent_shape[1:])
         scheduler = self.pair.scheduler
         src, tgt = source.latents, target.latents
+        replayed = source.timestep is not None
         with attention_control(self.pair.unets(), controller):
             for k, t in enumerate(timesteps):
                 controller.begin_step(k)
-                paths = [PathInput(source.role, src, source.personalized, source.conditioning, wants_eps=True),
+                paths = [PathInput(source.role, src, source.personalized, source.conditioning, wants_eps=not replayed,
+                                   timestep=source.timestep),
                          PathInput(TARGET, tgt, target.personalized, target.conditioning, wants_eps=True)]
                 eps = guided_eps(self.pair, paths, t, guidance, controller)
-                src = scheduler.step(eps[source.role], t, src).prev_sample
+                if not replayed:
+                    src = scheduler.step(eps[source.role], t, src).prev_sample
                 tgt = scheduler.step(eps[TARGET], t, tgt).prev_sample
             controller.finish_step()
         return src, tgt
@@ -162,7 +170,7 @@ def noises(world: World, seeds: list[int], offset: int = 0) -> torch.Tensor:
 
 def probe_p1(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     timesteps = world.timesteps(s.steps)
-    injected, baseline, scene_kept, outputs = [], [], [], []
+    injected, baseline, scene_kept, outputs, settled = [], [], [], [], []
     for variant, batch in groups(seeds, len(P1_PAIRS)):
         color, obj, scene_a, scene_b = P1_PAIRS[variant]
         a = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_a]}", False)
@@ -175,18 +183,24 @@ def probe_p1(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
                            ("outputs", outputs_plan)):
             runs[name] = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), plan,
                                         timesteps, s.guidance)
+        # "settled": A's Q, K taken from its finished image (t = 0) on every step, its place long decided
+        finished = PathInput(LAYOUT, runs["baseline"][0], False, a, timestep=torch.tensor(0))
+        runs["settled"] = world.lockstep(finished, PathInput(TARGET, zb, False, b), early_map_plan(s.steps),
+                                         timesteps, s.guidance)
         n = len(batch)
         readings = world.read(torch.cat([runs["injected"][0], runs["injected"][1], runs["baseline"][1],
-                                         runs["outputs"][1]]))
+                                         runs["outputs"][1], runs["settled"][1]]))
         for i in range(n):
-            read_a, read_b, read_base, read_out = readings[i], readings[n + i], readings[2 * n + i], readings[3 * n + i]
+            read_a, read_b, read_base, read_out, read_settled = readings[i::n]
             injected.append(distance(read_b.center, read_a.center))
             baseline.append(distance(read_base.center, read_a.center))
             outputs.append(distance(read_out.center, read_a.center))
+            settled.append(distance(read_settled.center, read_a.center))
             scene_kept.append(read_b.scene == scene_b)
     return {"median_center_distance_px": interval(injected), "baseline_median_center_distance_px":
             interval(baseline), "scene_rate": interval(scene_kept, np.mean),
-            "output_swap_median_center_distance_px": interval(outputs)}
+            "output_swap_median_center_distance_px": interval(outputs),
+            "settled_source_median_center_distance_px": interval(settled)}
 
 
 def _stage1(world: World, s: ProbeSettings, batch: list[int], scene: str, config: LayoutRetouchConfig):

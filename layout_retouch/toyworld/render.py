@@ -26,6 +26,12 @@ HAT_HEIGHT = 0.75  # hat height, in subject radii above the subject's top
 BOX_HALF = 0.8  # half side of a box, in radii
 STAR_INNER = 0.45  # inner radius of the star's points, in radii
 RING_INNER = 0.55  # hole radius of a ring, in radii
+# Texture (issue 14's textured pilot): a smooth random luminance field over the whole image. Flat regions make
+# a plain average of every same-colored pixel the best denoiser, so a UNet's self-attention maps group by
+# color and ignore position (toy world README, "Why the maps are position-blind"); in photographs a pixel is
+# best predicted by its neighbors. The field's correlation length is a few pixels, about a latent pixel of
+# the f=4 VAE, so the VAE can keep it.
+TEXTURE_SIGMA = 2.5  # px, the Gaussian low-pass of the field
 
 # The personal star: left half purple, right half yellow, white center dot. Its tones are palette
 # colors on purpose: a pilot with off-palette magenta/cyan tones found the tiny VAE returned them
@@ -283,10 +289,20 @@ def _hat_coverage(spec: SceneSpec) -> np.ndarray:
     return _coverage(draw)
 
 
-def render(spec: SceneSpec, seed: int, subject_words: str | None = None) -> RenderResult:
+def texture_field(seed: int, amount: float) -> np.ndarray:
+    """(64, 64, 1) smooth luminance field of standard deviation `amount` (gray levels), from its own stream of
+    `seed`, so a textured render places and captions everything as the untextured one does."""
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(np.random.default_rng([seed, 2]).normal(size=(SIZE, SIZE)), TEXTURE_SIGMA, mode="wrap")
+    return (field * (amount / field.std()))[..., None].astype(np.float32)
+
+
+def render(spec: SceneSpec, seed: int, subject_words: str | None = None, texture: float = 0.0) -> RenderResult:
     """Render `spec` with everything random drawn from `seed`: placement, texture, caption drops.
 
-    `subject_words` replaces "<color> <class>" in the caption (e.g. "sks star").
+    `subject_words` replaces "<color> <class>" in the caption (e.g. "sks star"); `texture` > 0 adds
+    `texture_field` over the whole image.
     """
     rng = np.random.default_rng(seed)
     spec = place(spec, rng)
@@ -303,6 +319,8 @@ def render(spec: SceneSpec, seed: int, subject_words: str | None = None) -> Rend
         shade = FENCE_COLOR * float(rng.uniform(0.9, 1.1))
         img = img * (1 - fence[..., None]) + shade * fence[..., None]
         visible *= 1 - fence
+    if texture > 0:
+        img = img + texture_field(seed, texture)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     text_rng = np.random.default_rng([seed, 1])
     return RenderResult(

@@ -68,6 +68,9 @@ class UnetRecipe:
     scene_drop: float | None = None
     # A trained text encoder (pipeline folder) to keep frozen, as SD keeps CLIP frozen; None: train one jointly.
     text_encoder_from: Path | None = None
+    # Gray levels of render.texture_field on every training image (0: the flat renders every shipped model
+    # saw); issue 14's textured pilot fine-tunes v2 on 15, where the oracles still read 98-100% right.
+    texture: float = 0.0
 
 
 CHECKPOINT_EVERY_S = 180  # seconds between checkpoints
@@ -146,8 +149,9 @@ def check_vae(vae, n: int = 16) -> dict:
 
 # ---------------------------------------------------------------- UNet + text encoder stage
 
-def encode_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Latents (VAE posterior mean and std) of `n` generic renders, and their placed specs.
+def encode_pool(vae, seed: int, n: int, cache: Path | None = None, texture: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Latents (VAE posterior mean and std) of `n` generic renders (`texture` as in `render`), and their specs.
 
     With `cache` (a folder), the latents are saved there and reused by a resumed run."""
     from dataclasses import asdict
@@ -159,7 +163,7 @@ def encode_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
     if n == 0:
         return torch.zeros(0), torch.zeros(0), []
     if cache is not None:
-        stem = cache / f"latents_seed{seed}_n{n}"
+        stem = cache / (f"latents_seed{seed}_n{n}" + (f"_texture{texture:g}" if texture else ""))
         if stem.with_suffix(".safetensors").exists():
             t = load_file(str(stem.with_suffix(".safetensors")))
             specs = [SceneSpec(**d) for d in json.loads(stem.with_suffix(".json").read_text())]
@@ -167,7 +171,7 @@ def encode_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
     specs, means, stds = [], [], []
     chunk = 512
     for start in tqdm(range(0, n, chunk), desc="encoding"):
-        samples = [generic_sample(seed * 1_000_000 + i, split="train")
+        samples = [generic_sample(seed * 1_000_000 + i, split="train", texture=texture)
                    for i in range(start, min(n, start + chunk))]
         specs += [s.spec for s in samples]
         with torch.no_grad():
@@ -272,7 +276,8 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
     else:
         step = 0
     # A run resumed at its last step only exports the pipeline: no need to encode the data.
-    means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0, cache=work)
+    means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0, cache=work,
+                                     texture=recipe.texture)
     scale = vae.config.scaling_factor
     noise_sched = train_scheduler()
     alphas = noise_sched.alphas_cumprod.to(device)
@@ -389,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                              "v3 two layers a block, v4 v2 on a 32x32 latent (a --vae-factor 2 VAE)")
     parser.add_argument("--scene-drop", type=float, default=None,
                         help="share of captions without their scene (default: scene.DROP_PROB's)")
+    parser.add_argument("--texture", type=float, default=UnetRecipe.texture,
+                        help="gray levels of the smooth luminance texture on every training render (render.py)")
     parser.add_argument("--text-encoder-from", type=Path, default=None,
                         help="pipeline folder whose trained tokenizer and text encoder are used, frozen")
     parser.add_argument("--vae-from", type=Path, default=None,
@@ -429,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(args.out, args.work, args.seed, recipe)
     if args.stage in ("unet", "all"):
         recipe = UnetRecipe(steps=args.unet_steps, batch=args.unet_batch, arch=args.arch,
-                            scene_drop=args.scene_drop, text_encoder_from=args.text_encoder_from)
+                            scene_drop=args.scene_drop, text_encoder_from=args.text_encoder_from,
+                            texture=args.texture)
         if args.pool:
             recipe.pool = args.pool
         train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from, args.init_from,
