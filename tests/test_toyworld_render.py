@@ -12,7 +12,7 @@ from layout_retouch.toyworld.datasets import (
     personal_sample,
     reference_sample,
 )
-from layout_retouch.toyworld.render import SIZE_WORD_RANGE, render
+from layout_retouch.toyworld.render import SIZE_WORD_RANGE, render, texture_field
 from layout_retouch.toyworld.scene import (
     CLASSES,
     COLORS,
@@ -30,6 +30,20 @@ def test_render_is_deterministic_per_seed():
     a, b, c = generic_sample(7), generic_sample(7), generic_sample(8)
     assert np.array_equal(a.image, b.image) and a.caption == b.caption and np.array_equal(a.mask, b.mask)
     assert not np.array_equal(a.image, c.image)
+
+
+def test_texture_changes_the_pixels_only():
+    """A textured render is the flat one plus a smooth field: same placement, caption and mask."""
+    flat, textured = generic_sample(7), generic_sample(7, texture=15)
+    assert textured.spec == flat.spec and textured.caption == flat.caption
+    assert np.array_equal(textured.mask, flat.mask)
+    difference = textured.image.astype(float) - flat.image.astype(float)
+    assert 8 < difference.std() < 20  # about the field's 15 gray levels, less where clipping bites
+    field = texture_field(7, 15)[..., 0]
+    assert field.std() == pytest.approx(15, rel=1e-3)
+    # smooth: neighbours agree far more than pixels ten apart
+    assert np.corrcoef(field[:, :-1].ravel(), field[:, 1:].ravel())[0, 1] > 0.8
+    assert abs(np.corrcoef(field[:, :-10].ravel(), field[:, 10:].ravel())[0, 1]) < 0.3
 
 
 @pytest.mark.parametrize("obj", CLASSES)
