@@ -31,7 +31,7 @@ RING_INNER = 0.55  # hole radius of a ring, in radii
 # color and ignore position (toy world README, "Why the maps are position-blind"); in photographs a pixel is
 # best predicted by its neighbors. The field's correlation length is a few pixels, about a latent pixel of
 # the f=4 VAE, so the VAE can keep it.
-TEXTURE_SIGMA = 2.5  # px, the Gaussian low-pass of the field
+TEXTURE_SIGMA = 6.0  # px, the Gaussian low-pass of the field: structure over one or two latent pixels
 
 # The personal star: left half purple, right half yellow, white center dot. Its tones are palette
 # colors on purpose: a pilot with off-palette magenta/cyan tones found the tiny VAE returned them

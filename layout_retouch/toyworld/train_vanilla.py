@@ -69,7 +69,7 @@ class UnetRecipe:
     # A trained text encoder (pipeline folder) to keep frozen, as SD keeps CLIP frozen; None: train one jointly.
     text_encoder_from: Path | None = None
     # Gray levels of render.texture_field on every training image (0: the flat renders every shipped model
-    # saw); issue 14's textured pilot fine-tunes v2 on 15, where the oracles still read 98-100% right.
+    # saw); issue 14's textured pilot fine-tunes v2 on 20 (toyworld README, "the textured pilot").
     texture: float = 0.0
 
 
