@@ -5,7 +5,8 @@
 # architecture is judged once its class accuracy is >= 0.9) and what its self-attention maps hold
 # (toyworld/attention_maps.py), in under 10 minutes.
 #   ARCH=v3 STEPS=8000 bash benchmarks/gpu_session_toyworld.sh      (ARCH: a name in components.UNET_ARCHITECTURES)
-# INIT=layout_retouch/toyworld/models/vanilla continues the shipped v2 UNet instead (with ARCH=v2). The VAE and text
+# INIT=layout_retouch/toyworld/models/vanilla continues the shipped v2 UNet instead (with ARCH=v2); TEXTURE=20 trains
+# on textured renders (render.texture_field; toyworld/README.md, "the textured pilot"). The VAE and text
 # encoder are the shipped ones, frozen (ARCH=v4, the 32x32 latent, takes the factor-2 VAE of VAE_FROM, default
 # checkpoints/toyworld_v4/vanilla); the recipe is toyworld/README.md's (batch 32, scene left out of 40%
 # of captions). The weights stay on the machine (too large to come back); probes.md/json, the quality report
@@ -29,6 +30,7 @@ W=/tmp/toyworld_$arch
 mkdir -p $W/models
 start=$(date +%s)
 python3 -m layout_retouch.toyworld.train_vanilla --stage unet --arch "$arch" --scene-drop 0.4 --max-minutes 5 \
+    --texture "${TEXTURE:-0}" \
     --text-encoder-from $M/vanilla --vae-from "$vae_from" $init --seed 0 --threads 8 --unet-batch 32 \
     --unet-steps "$steps" --pool 15000 --device "$device" --work $W/work --out $W/models/vanilla \
     > "$out/train.log" 2>&1

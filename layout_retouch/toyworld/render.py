@@ -27,11 +27,10 @@ BOX_HALF = 0.8  # half side of a box, in radii
 STAR_INNER = 0.45  # inner radius of the star's points, in radii
 RING_INNER = 0.55  # hole radius of a ring, in radii
 # Texture (issue 14's textured pilot): a smooth random luminance field over the whole image. Flat regions make
-# a plain average of every same-colored pixel the best denoiser, so a UNet's self-attention maps group by
-# color and ignore position (toy world README, "Why the maps are position-blind"); in photographs a pixel is
-# best predicted by its neighbors. The field's correlation length is a few pixels, about a latent pixel of
-# the f=4 VAE, so the VAE can keep it.
-TEXTURE_SIGMA = 6.0  # px, the Gaussian low-pass of the field: structure over one or two latent pixels
+# a plain average of every same-colored pixel the best denoiser, which may be why the toy UNets' self-attention
+# maps group by color and ignore position (toy world README, "Why the maps ignore position"); in photographs
+# a pixel is best predicted by its neighbors.
+TEXTURE_SIGMA = 6.0  # px, the Gaussian low-pass of the field: it varies over one or two latent pixels of the f=4 VAE
 
 # The personal star: left half purple, right half yellow, white center dot. Its tones are palette
 # colors on purpose: a pilot with off-palette magenta/cyan tones found the tiny VAE returned them
