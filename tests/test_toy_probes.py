@@ -46,12 +46,16 @@ def test_groups_deal_every_seed_once():
     assert sorted(s for _, batch in dealt for s in batch) == list(range(10))
 
 
-def test_lockstep_without_control_is_plain_sampling(world):
-    """A probe's baseline must be what the model draws alone: the source beside it changes nothing."""
-    timesteps = world.timesteps(STEPS)
+def p1_pair(world):
+    """P1's first pair: timesteps, A's and B's conditioning, A's noise and B's other noise."""
     a = world.conditioning("a photo of a red star on the beach", False)
     b = world.conditioning("a photo of a red star in the snow", False)
-    za, zb = world.noise(0), world.noise(500)
+    return world.timesteps(STEPS), a, b, world.noise(0), world.noise(500)
+
+
+def test_lockstep_without_control_is_plain_sampling(world):
+    """A probe's baseline must be what the model draws alone: the source beside it changes nothing."""
+    timesteps, a, b, za, zb = p1_pair(world)
     _, together = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), ControlPlan(),
                                  timesteps, 5.0)
     alone, _ = world.lockstep(PathInput(LAYOUT, zb, False, b), PathInput(TARGET, za, False, a), ControlPlan(),
@@ -60,10 +64,7 @@ def test_lockstep_without_control_is_plain_sampling(world):
 
 
 def test_injection_changes_the_target_and_is_void_for_its_own_source(world):
-    timesteps = world.timesteps(STEPS)
-    a = world.conditioning("a photo of a red star on the beach", False)
-    b = world.conditioning("a photo of a red star in the snow", False)
-    za, zb = world.noise(0), world.noise(500)
+    timesteps, a, b, za, zb = p1_pair(world)
     plain = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), ControlPlan(),
                            timesteps, 5.0)[1]
     injected = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b),
@@ -76,10 +77,7 @@ def test_injection_changes_the_target_and_is_void_for_its_own_source(world):
 
 def test_a_replayed_source_stays_as_given_and_steers_the_target(world):
     """P1's "settled" run: the source's finished image lends its Q, K on every step without being denoised."""
-    timesteps = world.timesteps(STEPS)
-    a = world.conditioning("a photo of a red star on the beach", False)
-    b = world.conditioning("a photo of a red star in the snow", False)
-    za, zb = world.noise(0), world.noise(500)
+    timesteps, a, b, za, zb = p1_pair(world)
     plain = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b), ControlPlan(),
                            timesteps, 5.0)[1]
     finished = PathInput(LAYOUT, za, False, a, timestep=torch.tensor(0))
