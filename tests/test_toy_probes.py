@@ -102,6 +102,7 @@ def test_probes_report_every_headline_number(world, tmp_path):
     table = markdown_table({"shipped": run.results})
     for key in ("P1.median_center_distance_px", "P1.baseline_median_center_distance_px", "P1.scene_rate",
                 "P1.settled_source_median_center_distance_px", "P1b.median_center_distance_px",
+                "P1b.output_swap_median_center_distance_px",
                 "P2.paper_layers_scene_agreement", "P2.all_layers_scene_agreement", "P3.color_transfer_rate",
                 "P4.min_block_contribution", "P5.final_iou", "P6.baseline_median_center_distance_px",
                 "P6.self_attention_16_median_center_distance_px", "P6.stream_4_median_center_distance_px"):

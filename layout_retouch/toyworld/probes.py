@@ -238,18 +238,24 @@ VARIED_LAYOUT = 0.5  # T_l of P1b and P2, as a share of the steps
 
 def probe_p1b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     config = probe_config(s, VARIED_LAYOUT)
-    injected, own = [], []
+    injected, own, outputs = [], [], []
+    # "outputs": the layout's whole self-attention layer outputs instead of its Q, K (an upper bound: can
+    # self-attention move the personalized target's subject at all, against the personalization's pull?)
+    outputs_plan = ControlPlan(early_swap="qkv", ref_start=s.steps // 2)
     for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
         cond, timesteps, z, layout = _stage1(world, s, batch, CONTEXT_SCENES[variant], config)
         target = _retouch(world, config, early_map_plan(s.steps), cond, z, timesteps, layout)
         alone = _retouch(world, config, ControlPlan(), cond, z, timesteps, layout)
+        swapped = _retouch(world, config, outputs_plan, cond, z, timesteps, layout)
         n = len(batch)
-        readings = world.read(torch.cat([layout.latents[-1], target, alone]))
-        for read_layout, read_target, read_alone in zip(readings[:n], readings[n:2 * n], readings[2 * n:],
-                                                        strict=True):
+        readings = world.read(torch.cat([layout.latents[-1], target, alone, swapped]))
+        for i in range(n):
+            read_layout, read_target, read_alone, read_swapped = readings[i::n]
             injected.append(distance(read_target.center, read_layout.center))
             own.append(distance(read_alone.center, read_layout.center))
-    return {"median_center_distance_px": interval(injected), "baseline_median_center_distance_px": interval(own)}
+            outputs.append(distance(read_swapped.center, read_layout.center))
+    return {"median_center_distance_px": interval(injected), "baseline_median_center_distance_px": interval(own),
+            "output_swap_median_center_distance_px": interval(outputs)}
 
 
 def _image_rmse(a, b) -> float:
