@@ -21,6 +21,7 @@ from layout_retouch.toyworld.probes import (
     passes,
     run_probes,
     source_outputs_in_target,
+    vanilla_outputs_in_personalized,
 )
 
 torch.set_num_threads(1)
@@ -105,7 +106,8 @@ def test_probes_report_every_headline_number(world, tmp_path):
                 "P1b.output_swap_median_center_distance_px",
                 "P2.paper_layers_scene_agreement", "P2.all_layers_scene_agreement", "P3.color_transfer_rate",
                 "P4.min_block_contribution", "P5.final_iou", "P6.baseline_median_center_distance_px",
-                "P6.self_attention_16_median_center_distance_px", "P6.stream_4_median_center_distance_px"):
+                "P6.self_attention_16_median_center_distance_px", "P6.stream_4_median_center_distance_px",
+                "P6b.baseline_median_center_distance_px", "P6b.stream_8_median_center_distance_px"):
         assert f"| {key} |" in table
     p4 = run.results["P4"]
     assert p4["min_block_contribution"]["value"] == pytest.approx(min(p4["blocks"].values()), abs=1e-3)
@@ -160,3 +162,27 @@ def test_routing_swap_gives_the_target_the_sources_outputs_at_one_resolution(wor
         for name, out in seen.items():
             side16 = out.shape[1] == 256
             assert torch.equal(out[0], out[1]) == (active and side16), name
+
+
+def test_vanilla_outputs_replace_the_personalized_ones_at_one_side_only(world):
+    """P6b's swap: the personalized UNet's modules of the route at that side return what the vanilla UNet's
+    module of the same name returned in its call just before; other sides and inactive calls are its own."""
+    vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
+    z = torch.cat([world.noise(0), world.noise(500)])
+    text = world.conditioning("a photo of a red star on the beach", False).cond.expand(2, -1, -1)
+    for active in (True, False):
+        outputs: dict[str, dict[str, torch.Tensor]] = {"vanilla": {}, "personalized": {}}
+        with vanilla_outputs_in_personalized(vanilla, personalized, r".*attn1", 16, lambda a=active: a):
+            handles = [m.register_forward_hook(  # after the swap's hooks: they see what the module returns
+                lambda module, args, out, key=key, name=name, seen=outputs: seen[key].__setitem__(name, out))
+                for key, unet in (("vanilla", vanilla), ("personalized", personalized))
+                for name, m in unet.named_modules() if name.endswith("attn1")]
+            try:
+                vanilla(z, 500, encoder_hidden_states=text)
+                personalized(z, 500, encoder_hidden_states=text)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        for name, out in outputs["personalized"].items():
+            side16 = out.shape[1] == 256
+            assert torch.equal(out, outputs["vanilla"][name]) == (active and side16), name

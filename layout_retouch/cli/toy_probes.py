@@ -1,10 +1,10 @@
 """`layout-retouch toy-probes`: does a toy world's self-attention carry structure and appearance?
 
 Runs the probes of `layout_retouch.toyworld.probes` (P1 structure transfer, P1b the method's early swap,
-P2 the blend bound, P3 appearance transfer, P4 block contributions, P5 mask quality, P6 routing) on one or more
-toy worlds' models folders, and writes DIR/probes.json (the headline numbers flat, as
-"P1.median_center_distance_px", then every probe's detail) and DIR/probes.md (a table, one column per
-models folder, with the issue's bars).
+P2 the blend bound, P3 appearance transfer, P4 block contributions, P5 mask quality, P6 routing, P6b the
+personalized target's routing) on one or more toy worlds' models folders, and writes DIR/probes.json (the
+headline numbers flat, as "P1.median_center_distance_px", then every probe's detail) and DIR/probes.md (a
+table, one column per models folder, with the issue's bars).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from layout_retouch.cli.options import HelpFormatter, add_threads_option, check_output_folder, set_threads
 from layout_retouch.errors import LayoutRetouchError
 
-PROBE_NAMES = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6")
+PROBE_NAMES = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P6b")
 QUICK = dict(seeds=4, steps=6)  # CI-sized: every code path, numbers too noisy to judge a world by
 
 

@@ -68,7 +68,7 @@ class ProbeSettings:
     seeds: int = 16  # issue 14: intervals over at least 16 seeds
     steps: int = 30  # DDIM steps (the toy world's quality report samples with 30)
     guidance: float = 5.0  # CFG of the toy world's quality report
-    probes: tuple[str, ...] = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6")
+    probes: tuple[str, ...] = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P6b")
 
 
 # ------------------------------------------------------------------ statistics
@@ -357,14 +357,18 @@ ROUTES = {"self_attention": r".*transformer_blocks\.\d+\.attn1", "cross_attentio
           "stream": r".*resnets\.\d+"}
 
 
+def feature_side(output: torch.Tensor) -> int:
+    """The side of a module's square feature map: tokens (B, N, C) or channels first (B, C, H, W)."""
+    return math.isqrt(output.shape[1] if output.dim() == 3 else output.shape[-1] * output.shape[-2])
+
+
 @contextmanager
 def source_outputs_in_target(unet, pattern: str, side: int, active: Callable[[], bool]) -> Iterator[None]:
     """While `active()`, every module of `unet` named like `pattern` whose feature map is side x side returns,
     for the second half of its batch (the target's rows: `World.lockstep` puts the source's first), the
     first half's output."""
     def hook(module, args, output):
-        tokens = output.shape[1] if output.dim() == 3 else output.shape[-1] * output.shape[-2]
-        if not active() or math.isqrt(tokens) != side:
+        if not active() or feature_side(output) != side:
             return output
         n = output.shape[0] // 2
         return torch.cat([output[:n], output[:n]])
@@ -398,6 +402,66 @@ def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
             swap = source_outputs_in_target(unet, *route, early) if route else contextlib.nullcontext()
             with swap:
                 src, tgt = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b),
+                                          ControlPlan(), timesteps, s.guidance, controller)
+            readings = world.read(torch.cat([src, tgt]))
+            n = len(batch)
+            distances[name] += [distance(readings[n + i].center, readings[i].center) for i in range(n)]
+    return {f"{name}_median_center_distance_px": interval(values) for name, values in distances.items()}
+
+
+@contextmanager
+def vanilla_outputs_in_personalized(vanilla, personalized, pattern: str, side: int,
+                                    active: Callable[[], bool]) -> Iterator[None]:
+    """While `active()`, every module of the `personalized` UNet named like `pattern` at side x side returns what
+    the module of the same name in the `vanilla` UNet returned last. In `World.lockstep` with a vanilla source
+    and a personalized target the source's model runs first, one path per call, so the shapes match."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if active() and feature_side(output) == side:
+                kept[name] = output
+        return hook
+
+    def give(name):
+        def hook(module, args, output):
+            return kept.pop(name) if active() and name in kept else output
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in vanilla.named_modules() if re.fullmatch(pattern, n)]
+    handles += [m.register_forward_hook(give(n)) for n, m in personalized.named_modules() if re.fullmatch(pattern, n)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def probe_p6b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
+    """P6 for the method's own case: which module's outputs, taken from a vanilla layout over the first half of
+    the steps, bring the DreamBooth target (P_n, the layout's noise) to the layout's subject? P1b's output swap
+    bounds the early swap by self-attention; this names where the personalization keeps its subject's place."""
+    vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
+    sides = [world.latent_shape[1] // 2 ** i for i in range(len(vanilla.config.block_out_channels))]
+    timesteps = world.timesteps(s.steps)
+    runs = {"baseline": None, **{f"{kind}_{side}": (pattern, side) for kind, pattern in ROUTES.items()
+                                 for side in sides}}
+    distances: dict[str, list[float]] = {name: [] for name in runs}
+    for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
+        prompts = world.pipe.derive_prompts(f"a photo of a {TOKEN} {CLASS_WORD} {SCENES[CONTEXT_SCENES[variant]]}")
+        layout = world.conditioning(prompts.vanilla, False)
+        target = world.conditioning(prompts.neutral, True)
+        z = noises(world, batch)
+        for name, route in runs.items():
+            controller = AttentionController(ControlPlan(), latent_size=world.latent_shape[1:])
+
+            def early(controller=controller):
+                return controller.step < s.steps // 2
+
+            swap = vanilla_outputs_in_personalized(vanilla, personalized, *route, early) if route \
+                else contextlib.nullcontext()
+            with swap:
+                src, tgt = world.lockstep(PathInput(LAYOUT, z, False, layout), PathInput(TARGET, z, True, target),
                                           ControlPlan(), timesteps, s.guidance, controller)
             readings = world.read(torch.cat([src, tgt]))
             n = len(batch)
@@ -486,8 +550,8 @@ def _overlap(mask: np.ndarray, truth: np.ndarray) -> list[float]:
 
 
 PROBES = {"P1": probe_p1, "P1b": probe_p1b, "P2": probe_p2, "P3": probe_p3, "P4": probe_p4, "P5": probe_p5,
-          "P6": probe_p6}
-NEEDS_DREAMBOOTH = {"P1b", "P2", "P5"}
+          "P6": probe_p6, "P6b": probe_p6b}
+NEEDS_DREAMBOOTH = {"P1b", "P2", "P5", "P6b"}
 
 
 @dataclass
