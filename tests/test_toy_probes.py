@@ -186,3 +186,12 @@ def test_vanilla_outputs_replace_the_personalized_ones_at_one_side_only(world):
         for name, out in outputs["personalized"].items():
             side16 = out.shape[1] == 256
             assert torch.equal(out, outputs["vanilla"][name]) == (active and side16), name
+
+
+def test_a_lora_can_be_the_probed_personalization():
+    """P1b runs the method on whichever personalization is named; P6b, which swaps modules between two UNets,
+    says why it cannot run on an adapter that shares the vanilla UNet."""
+    run = run_probes(ProbeSettings(seeds=1, steps=2, probes=("P1b", "P6b"), personalized="sks_star_lora"),
+                     log=lambda text: None)
+    assert run.results["P1b"]["median_center_distance_px"]["value"] >= 0
+    assert "a DreamBooth" in run.results["P6b"]["skipped"]

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", type=Path, action="append",
                    help="a toy world's models folder (vanilla/, optional sks_star_dreambooth/ and oracles/); "
                         "repeat to compare worlds side by side (default: the shipped toy world)")
+    p.add_argument("--personalized", default="sks_star_dreambooth", metavar="NAME",
+                   help="the personalized model's folder in each --models folder (P1b, P2, P5, P6b): "
+                        "a DreamBooth, or a LoRA folder")
     p.add_argument("--seeds", type=int, default=16, help="seeds per probe (bootstrap intervals over them)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -69,7 +72,8 @@ def run(args) -> int:
     for folder in folders:
         name = _unique_name(folder, runs)
         log(f"probing {folder} ({seeds} seeds, {steps} steps)")
-        settings = ProbeSettings(models=folder, seeds=seeds, steps=steps, guidance=args.guidance, probes=probes)
+        settings = ProbeSettings(models=folder, seeds=seeds, steps=steps, guidance=args.guidance, probes=probes,
+                                 personalized=args.personalized)
         runs[name] = run_probes(settings, log)
     first = next(iter(runs.values()))
     report = {**flat_values(first.results), **first.to_dict(), "seconds": round(time.perf_counter() - started, 1),

@@ -69,6 +69,8 @@ class ProbeSettings:
     steps: int = 30  # DDIM steps (the toy world's quality report samples with 30)
     guidance: float = 5.0  # CFG of the toy world's quality report
     probes: tuple[str, ...] = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P6b")
+    # The personalized model's folder in `models` (P1b, P2, P5, P6b): the DreamBooth, or a LoRA folder.
+    personalized: str = DREAMBOOTH
 
 
 # ------------------------------------------------------------------ statistics
@@ -89,16 +91,17 @@ def distance(a: tuple[float, float], b: tuple[float, float]) -> float:
 class World:
     """A toy world's models loaded once: the method's model pair, the oracles."""
 
-    def __init__(self, models: Path):
+    def __init__(self, models: Path, personalized: str = DREAMBOOTH):
         from layout_retouch.pipeline import LayoutRetouchPipeline
         from layout_retouch.toyworld.oracles import ORACLE_DIR, Oracles
 
         self.models = Path(models)
-        tuned = self.models / DREAMBOOTH
-        self.has_dreambooth = (tuned / "model_index.json").exists() or (tuned / "unet").exists()
+        tuned = self.models / personalized
+        self.has_personalized = any((tuned / name).exists() for name in ("personalization.json", "model_index.json",
+                                                                         "unet"))
         self.pipe = LayoutRetouchPipeline.from_pretrained(
-            str(self.models / VANILLA), personalized=str(tuned) if self.has_dreambooth else None,
-            token=TOKEN if self.has_dreambooth else None, class_word=CLASS_WORD, progress=False)
+            str(self.models / VANILLA), personalized=str(tuned) if self.has_personalized else None,
+            token=TOKEN if self.has_personalized else None, class_word=CLASS_WORD, progress=False)
         oracles = self.models / ORACLES
         self.oracles = Oracles.load(oracles if (oracles / "locator.safetensors").exists() else ORACLE_DIR)
         self.pair = self.pipe.models
@@ -441,6 +444,8 @@ def probe_p6b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     """P6 for the method's own case: which module's outputs, taken from a vanilla layout over the first half of
     the steps, bring the DreamBooth target (P_n, the layout's noise) to the layout's subject? P1b's output swap
     bounds the early swap by self-attention; this names where the personalization keeps its subject's place."""
+    if world.pair.personal_unet is None:  # an adapter (LoRA) or embedding on the vanilla UNet: nothing to swap
+        return {"skipped": "needs a personalized UNet of its own (a DreamBooth), not an adapter on the vanilla one"}
     vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
     sides = [world.latent_shape[1] // 2 ** i for i in range(len(vanilla.config.block_out_channels))]
     timesteps = world.timesteps(s.steps)
@@ -472,7 +477,7 @@ def probe_p6b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
 def probe_p5(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     """The layout path replays the DDIM inversion of a render of the personal star in a scene (its true mask
     known); the target runs the full method (V) from P_n; its masks are compared with the truth."""
-    if not world.has_dreambooth:
+    if not world.has_personalized:
         return {"skipped": "needs the DreamBooth model"}
     from layout_retouch.masks import resize_mask
     from layout_retouch.toyworld.datasets import personal_sample, reference_sample
@@ -551,7 +556,7 @@ def _overlap(mask: np.ndarray, truth: np.ndarray) -> list[float]:
 
 PROBES = {"P1": probe_p1, "P1b": probe_p1b, "P2": probe_p2, "P3": probe_p3, "P4": probe_p4, "P5": probe_p5,
           "P6": probe_p6, "P6b": probe_p6b}
-NEEDS_DREAMBOOTH = {"P1b", "P2", "P5", "P6b"}
+NEEDS_PERSONALIZED = {"P1b", "P2", "P5", "P6b"}
 
 
 @dataclass
@@ -564,13 +569,13 @@ class ProbeRun:
 
 
 def run_probes(settings: ProbeSettings, log: Callable[[str], None] = print) -> ProbeRun:
-    world = World(settings.models)
+    world = World(settings.models, settings.personalized)
     seeds = list(range(settings.seeds))
     run = ProbeRun(settings)
     for name in settings.probes:
-        if name in NEEDS_DREAMBOOTH and not world.has_dreambooth:
-            run.results[name] = {"skipped": f"no DreamBooth model in {settings.models / DREAMBOOTH}"}
-            log(f"{name}: skipped (no DreamBooth model)")
+        if name in NEEDS_PERSONALIZED and not world.has_personalized:
+            run.results[name] = {"skipped": f"no personalized model in {settings.models / settings.personalized}"}
+            log(f"{name}: skipped (no personalized model)")
             continue
         with torch.no_grad():
             run.results[name] = PROBES[name](world, settings, seeds)
