@@ -384,32 +384,44 @@ def source_outputs_in_target(unet, pattern: str, side: int, active: Callable[[],
             handle.remove()
 
 
-def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
+def routed_distances(world: World, s: ProbeSettings, cases: Iterator[tuple[PathInput, PathInput]],
+                     swap: Callable[[str, int, Callable[[], bool]], contextlib.AbstractContextManager]) -> dict:
+    """P6's and P6b's runs: for each (source, target) case, once plainly and once per route (a kind of module at
+    one resolution) with `swap(pattern, side, active)` over the first half of the steps; the median distance of
+    the target's subject to the source's, per route."""
     unet = world.pair.pipe.unet
     sides = [world.latent_shape[1] // 2 ** i for i in range(len(unet.config.block_out_channels))]
     timesteps = world.timesteps(s.steps)
     runs = {"baseline": None, **{f"{kind}_{side}": (pattern, side) for kind, pattern in ROUTES.items()
                                  for side in sides}}
     distances: dict[str, list[float]] = {name: [] for name in runs}
-    for variant, batch in groups(seeds, len(P1_PAIRS)):
-        color, obj, scene_a, scene_b = P1_PAIRS[variant]
-        a = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_a]}", False)
-        b = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_b]}", False)
-        za, zb = noises(world, batch), noises(world, batch, OTHER_NOISE)
+    for source, target in cases:
         for name, route in runs.items():
             controller = AttentionController(ControlPlan(), latent_size=world.latent_shape[1:])
 
             def early(controller=controller):
                 return controller.step < s.steps // 2
 
-            swap = source_outputs_in_target(unet, *route, early) if route else contextlib.nullcontext()
-            with swap:
-                src, tgt = world.lockstep(PathInput(LAYOUT, za, False, a), PathInput(TARGET, zb, False, b),
-                                          ControlPlan(), timesteps, s.guidance, controller)
+            with swap(*route, early) if route else contextlib.nullcontext():
+                src, tgt = world.lockstep(source, target, ControlPlan(), timesteps, s.guidance, controller)
             readings = world.read(torch.cat([src, tgt]))
-            n = len(batch)
+            n = len(src)
             distances[name] += [distance(readings[n + i].center, readings[i].center) for i in range(n)]
     return {f"{name}_median_center_distance_px": interval(values) for name, values in distances.items()}
+
+
+def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
+    def cases():
+        for variant, batch in groups(seeds, len(P1_PAIRS)):
+            color, obj, scene_a, scene_b = P1_PAIRS[variant]
+            a = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_a]}", False)
+            b = world.conditioning(f"a photo of a {color} {obj} {SCENES[scene_b]}", False)
+            yield (PathInput(LAYOUT, noises(world, batch), False, a),
+                   PathInput(TARGET, noises(world, batch, OTHER_NOISE), False, b))
+
+    unet = world.pair.pipe.unet
+    return routed_distances(world, s, cases(), lambda pattern, side, active: source_outputs_in_target(
+        unet, pattern, side, active))
 
 
 @contextmanager
@@ -446,32 +458,18 @@ def probe_p6b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     bounds the early swap by self-attention; this names where the personalization keeps its subject's place."""
     if world.pair.personal_unet is None:  # an adapter (LoRA) or embedding on the vanilla UNet: nothing to swap
         return {"skipped": "needs a personalized UNet of its own (a DreamBooth), not an adapter on the vanilla one"}
+
+    def cases():
+        for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
+            scene = SCENES[CONTEXT_SCENES[variant]]
+            prompts = world.pipe.derive_prompts(f"a photo of a {TOKEN} {CLASS_WORD} {scene}")
+            z = noises(world, batch)
+            yield (PathInput(LAYOUT, z, False, world.conditioning(prompts.vanilla, False)),
+                   PathInput(TARGET, z, True, world.conditioning(prompts.neutral, True)))
+
     vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
-    sides = [world.latent_shape[1] // 2 ** i for i in range(len(vanilla.config.block_out_channels))]
-    timesteps = world.timesteps(s.steps)
-    runs = {"baseline": None, **{f"{kind}_{side}": (pattern, side) for kind, pattern in ROUTES.items()
-                                 for side in sides}}
-    distances: dict[str, list[float]] = {name: [] for name in runs}
-    for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
-        prompts = world.pipe.derive_prompts(f"a photo of a {TOKEN} {CLASS_WORD} {SCENES[CONTEXT_SCENES[variant]]}")
-        layout = world.conditioning(prompts.vanilla, False)
-        target = world.conditioning(prompts.neutral, True)
-        z = noises(world, batch)
-        for name, route in runs.items():
-            controller = AttentionController(ControlPlan(), latent_size=world.latent_shape[1:])
-
-            def early(controller=controller):
-                return controller.step < s.steps // 2
-
-            swap = vanilla_outputs_in_personalized(vanilla, personalized, *route, early) if route \
-                else contextlib.nullcontext()
-            with swap:
-                src, tgt = world.lockstep(PathInput(LAYOUT, z, False, layout), PathInput(TARGET, z, True, target),
-                                          ControlPlan(), timesteps, s.guidance, controller)
-            readings = world.read(torch.cat([src, tgt]))
-            n = len(batch)
-            distances[name] += [distance(readings[n + i].center, readings[i].center) for i in range(n)]
-    return {f"{name}_median_center_distance_px": interval(values) for name, values in distances.items()}
+    return routed_distances(world, s, cases(), lambda pattern, side, active: vanilla_outputs_in_personalized(
+        vanilla, personalized, pattern, side, active))
 
 
 def probe_p5(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
