@@ -10,6 +10,12 @@
 # (the EMA UNet and its step count), dreambooth_NAME.tar for the names in DB (default: all; three candidates'
 # weights make about 63 of the 64 MiB a call brings back), logs.tar. Wheels the machine lacks (diffusers) from .whl/.
 # DEVICE=cpu MINUTES=0.05 POOL=64 DB_STEPS=2 CLASS_IMAGES=2: the smoke test on a CPU.
+# Before the call, here (both folders are git-ignored, so name them in the device tool's `carry`):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
+#   mkdir -p .gpu_carry/v4_step6051 && cp -r FOLDER/unet FOLDER/trained_steps.txt .gpu_carry/v4_step6051/
+# (FOLDER: a v4 pipeline folder exported by `train_vanilla --export`; an INIT only where a candidate names one.)
+# Issue 14's seventh session ran it as: MINUTES=4.5 DB_SECONDS=190, the default candidates (502 s of command).
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu_train_toyworlds}
