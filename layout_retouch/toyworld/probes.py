@@ -242,8 +242,8 @@ VARIED_LAYOUT = 0.5  # T_l of P1b and P2, as a share of the steps
 def probe_p1b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     config = probe_config(s, VARIED_LAYOUT)
     injected, own, outputs = [], [], []
-    # "outputs": the layout's whole self-attention layer outputs instead of its Q, K (an upper bound: can
-    # self-attention move the personalized target's subject at all, against the personalization's pull?)
+    # "outputs": the layout's Q, K and V, not its Q, K alone: the target's attention returns the layout's whole
+    # result (an upper bound: can self-attention move the personalized target's subject at all?)
     outputs_plan = ControlPlan(early_swap="qkv", ref_start=s.steps // 2)
     for variant, batch in groups(seeds, len(CONTEXT_SCENES)):
         cond, timesteps, z, layout = _stage1(world, s, batch, CONTEXT_SCENES[variant], config)
@@ -476,7 +476,7 @@ def probe_p5(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     """The layout path replays the DDIM inversion of a render of the personal star in a scene (its true mask
     known); the target runs the full method (V) from P_n; its masks are compared with the truth."""
     if not world.has_personalized:
-        return {"skipped": "needs the DreamBooth model"}
+        return {"skipped": "needs the personalized model"}
     from layout_retouch.masks import resize_mask
     from layout_retouch.toyworld.datasets import personal_sample, reference_sample
 
