@@ -455,7 +455,7 @@ def vanilla_outputs_in_personalized(vanilla, personalized, pattern: str, side: i
 def probe_p6b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     """P6 for the method's own case: which module's outputs, taken from a vanilla layout over the first half of
     the steps, bring the DreamBooth target (P_n, the layout's noise) to the layout's subject? P1b's output swap
-    says how far self-attention can move the target at most; this names where the personalization keeps its place."""
+    says how far the layout's whole attention moves the target; this names where the personalization keeps its place."""
     if world.pair.personal_unet is None:  # an adapter (LoRA) or embedding on the vanilla UNet: nothing to swap
         return {"skipped": "needs a personalized UNet of its own (a DreamBooth), not an adapter on the vanilla one"}
 
