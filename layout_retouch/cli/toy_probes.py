@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "repeat to compare worlds side by side (default: the shipped toy world)")
     p.add_argument("--personalized", default="sks_star_dreambooth", metavar="NAME",
                    help="the personalized model's folder in each --models folder (P1b, P2, P5, P6b): "
-                        "a DreamBooth, or a LoRA folder")
+                        "a DreamBooth, or a LoRA folder; 'vanilla' is the control with no personalization")
     p.add_argument("--seeds", type=int, default=16, help="seeds per probe (bootstrap intervals over them)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
