@@ -42,12 +42,9 @@ timeout 90 python3 -m layout_retouch.toyworld.quality --model $W/models/vanilla 
 timeout 60 python3 -m layout_retouch.toyworld.attention_maps --model $W/models/vanilla --threads 16 \
     --json "$out/attention_maps.json" 2>/dev/null > "$out/attention_maps.md"
 echo "quality, maps: $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
-timeout 120 python3 -m layout_retouch.cli personalize --method dreambooth --base $W/models/vanilla \
-    --photos $M/references --class-word star --seed 0 --batch-size 10 --token sks --train-text-encoder \
-    --with-prior-preservation --class-prompt "a photo of a star" --num-class-images 50 \
-    --class-inference-steps 30 --class-guidance-scale 5 --max-steps "$db_steps" --lr 2e-4 --checkpoint-every 500 \
-    --save-dtype float16 --omit-unchanged --device "$device" --no-progress --work-dir $W/db_work \
-    --output $W/models/sks_star_dreambooth > "$out/dreambooth.log" 2>&1
+(export device; export -f toy_dreambooth; DB_STEPS=$db_steps timeout 120 bash -c \
+    'toy_dreambooth "$0" "$1" "$2"' $W/models/vanilla $W/models/sks_star_dreambooth $W/db_work) \
+    > "$out/dreambooth.log" 2>&1
 echo "dreambooth: $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
 timeout 200 python3 -m layout_retouch.cli toy-probes --models $W/models --probes P6,P1,P1b,P2 \
     --steps "${PROBE_STEPS:-20}" --seeds "${SEEDS:-16}" --threads 16 --out "$out/probes" --overwrite 2>&1 | grep -v Warn | tee "$out/probes.log"

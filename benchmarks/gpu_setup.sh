@@ -12,3 +12,14 @@ export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
     | tee -a "$out/device.txt"
+
+# The toy world's DreamBooth recipe (models/README-personalized.md) on a GPU: toy_dreambooth BASE OUTPUT WORK_DIR,
+# with $device, DB_STEPS (default 1500) and CLASS_IMAGES (default 50); the caller redirects and times it.
+toy_dreambooth() {
+    python3 -m layout_retouch.cli personalize --method dreambooth --base "$1" \
+        --photos layout_retouch/toyworld/models/references --class-word star --seed 0 --batch-size 10 --token sks \
+        --train-text-encoder --with-prior-preservation --class-prompt "a photo of a star" \
+        --num-class-images "${CLASS_IMAGES:-50}" --class-inference-steps 30 --class-guidance-scale 5 \
+        --max-steps "${DB_STEPS:-1500}" --lr 2e-4 --checkpoint-every 500 --save-dtype float16 --omit-unchanged \
+        --device "$device" --no-progress --work-dir "$3" --output "$2"
+}

@@ -26,6 +26,8 @@ candidates=${CANDIDATES:-"v4c:v4:0:.gpu_carry/v4_step6051 v4t:v4:20: v2t:v2:20:"
 device=${DEVICE:-cuda}
 M=layout_retouch/toyworld/models
 started=$(date +%s)
+export device CLASS_IMAGES DB_STEPS
+export -f toy_dreambooth  # run under `timeout` in a child shell
 train() {  # NAME ARCH TEXTURE INIT
     local name=$1 arch=$2 texture=$3 init=$4 vae_from=$M/vanilla W=/tmp/toyworld_$1
     [ "$arch" = v4 ] && vae_from=checkpoints/toyworld_v4/vanilla
@@ -40,13 +42,8 @@ train() {  # NAME ARCH TEXTURE INIT
 }
 dreambooth() {  # NAME
     local W=/tmp/toyworld_$1
-    timeout "${DB_SECONDS:-170}" python3 -m layout_retouch.cli personalize --method dreambooth --base $W/vanilla \
-        --photos $M/references --class-word star --seed 0 --batch-size 10 --token sks --train-text-encoder \
-        --with-prior-preservation --class-prompt "a photo of a star" --num-class-images "${CLASS_IMAGES:-50}" \
-        --class-inference-steps 30 --class-guidance-scale 5 --max-steps "${DB_STEPS:-1500}" --lr 2e-4 \
-        --checkpoint-every 500 --save-dtype float16 --omit-unchanged --device "$device" --no-progress \
-        --work-dir $W/db_work --output $W/sks_star_dreambooth > "$logs/dreambooth_$1.log" 2>&1 \
-        && tar -C $W -cf "$out/dreambooth_$1.tar" sks_star_dreambooth
+    timeout "${DB_SECONDS:-170}" bash -c 'toy_dreambooth "$0" "$1" "$2"' $W/vanilla $W/sks_star_dreambooth \
+        $W/db_work > "$logs/dreambooth_$1.log" 2>&1 && tar -C $W -cf "$out/dreambooth_$1.tar" sks_star_dreambooth
     echo "$1 dreambooth: rc $?, done at $(( $(date +%s) - started )) s" | tee -a "$logs/summary.txt"
 }
 for c in $candidates; do

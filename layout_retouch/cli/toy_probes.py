@@ -16,6 +16,7 @@ from pathlib import Path
 
 from layout_retouch.cli.options import HelpFormatter, add_threads_option, check_output_folder, set_threads
 from layout_retouch.errors import LayoutRetouchError
+from layout_retouch.toyworld.world import DREAMBOOTH
 
 PROBE_NAMES = ("P1", "P1b", "P2", "P3", "P4", "P5", "P6", "P6b")
 QUICK = dict(seeds=4, steps=6)  # CI-sized: every code path, numbers too noisy to judge a world by
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", type=Path, action="append",
                    help="a toy world's models folder (vanilla/, optional sks_star_dreambooth/ and oracles/); "
                         "repeat to compare worlds side by side (default: the shipped toy world)")
-    p.add_argument("--personalized", default="sks_star_dreambooth", metavar="NAME",
+    p.add_argument("--personalized", default=DREAMBOOTH, metavar="NAME",
                    help="the personalized model's folder in each --models folder (P1b, P2, P5, P6b): "
                         "a DreamBooth, or a LoRA folder; 'vanilla' is the control with no personalization")
     p.add_argument("--seeds", type=int, default=16, help="seeds per probe (bootstrap intervals over them)")
