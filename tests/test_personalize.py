@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from layout_retouch.cli import main
-from layout_retouch.errors import ImageInputError, ModelLoadError, PromptError
+from layout_retouch.errors import ImageInputError, LayoutRetouchError, ModelLoadError, PromptError
 from layout_retouch.personalize import (
     EMBEDS_FILE,
     LORA_WEIGHTS_FILE,
@@ -95,6 +95,18 @@ def test_dreambooth_omit_unchanged_takes_vae_from_base(base, photos, tmp_path):
     tuned = load(result.output, vae=vanilla.vae, text_encoder=vanilla.text_encoder, torch_dtype=torch.float32)
     assert tuned.unet.dtype == torch.float32
     assert np.abs(draw(vanilla) - draw(tuned)).max() > 1e-3
+
+
+def test_dreambooth_unet_trainable_tunes_only_the_named_parameters(base, photos, tmp_path):
+    patterns = ("*attn2.to_k.*", "*attn2.to_v.*")  # Custom Diffusion's set
+    result = personalize(config("dreambooth", base, photos, tmp_path / "db", unet_trainable=patterns))
+    vanilla, tuned = load(base), load(result.output)
+    before, after = dict(vanilla.unet.named_parameters()), dict(tuned.unet.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
+    assert np.abs(draw(vanilla) - draw(tuned)).max() > 1e-3
+    with pytest.raises(LayoutRetouchError, match="attn9"):
+        personalize(config("dreambooth", base, photos, tmp_path / "typo", unet_trainable=("*attn9*",)))
 
 
 def test_lora_file_loads_into_diffusers_and_changes_output(base, photos, tmp_path):

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     db = p.add_argument_group("DreamBooth")
     db.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                     default=defaults.train_text_encoder)
+    db.add_argument("--unet-trainable", nargs="+", metavar="PATTERN", default=list(defaults.unet_trainable),
+                    help="fine-tune only the UNet parameters whose names match these fnmatch patterns "
+                         "(default: all), e.g. '*attn2.to_k.*' '*attn2.to_v.*' (Custom Diffusion's set)")
     db.add_argument("--with-prior-preservation", action=argparse.BooleanOptionalAction,
                     default=defaults.with_prior_preservation,
                     help="also train on class images the base model generates (default off, as in diffusers)")

@@ -53,6 +53,10 @@ class PersonalizeConfig:
 
     # --- DreamBooth
     train_text_encoder: bool = False  # diffusers: off; the DreamBooth paper trains it
+    # Which UNet parameters train, as fnmatch patterns over their names; empty: all of them (the
+    # DreamBooth paper). [choice] For studies of where a personalization lives, e.g.
+    # ("*attn2.to_k.*", "*attn2.to_v.*"): Custom Diffusion's set (without its regularization).
+    unet_trainable: tuple[str, ...] = ()
     # Prior preservation (diffusers: off by default; TOYWORLD.md's toy recipe turns it on).
     with_prior_preservation: bool = False
     class_prompt: str | None = None  # None: "a photo of {class_word}"
@@ -96,6 +100,9 @@ class PersonalizeConfig:
         if cfg.learning_rate is None:
             cfg.learning_rate = DEFAULT_LEARNING_RATES[cfg.method]
         cfg.class_prompt = cfg.class_prompt or f"a photo of {cfg.class_word}"
+        cfg.unet_trainable = tuple(cfg.unet_trainable)
+        if cfg.unet_trainable and cfg.method != "dreambooth":
+            raise LayoutRetouchError("unet_trainable applies to DreamBooth only (LoRA: lora_target_modules)")
         cfg.lora_alpha = float(cfg.rank) if cfg.lora_alpha is None else cfg.lora_alpha
         cfg.initializer_word = cfg.initializer_word or cfg.class_word
         cfg.work_dir = cfg.work_dir or str(Path(cfg.output) / "work")
@@ -118,4 +125,7 @@ class PersonalizeConfig:
         keys = ("method", "token", "class_word", "prompt_template", "batch_size", "learning_rate", "seed",
                 "resolution", "train_text_encoder", "with_prior_preservation", "class_prompt",
                 "prior_loss_weight", "rank", "lora_alpha", "num_vectors", "initializer_word")
-        return {k: getattr(self, k) for k in keys}
+        fingerprint = {k: getattr(self, k) for k in keys}
+        if self.unet_trainable:  # only when set, so that older checkpoints still resume
+            fingerprint["unet_trainable"] = list(self.unet_trainable)
+        return fingerprint

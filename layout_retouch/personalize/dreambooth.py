@@ -1,13 +1,14 @@
-"""DreamBooth: fine-tune the whole UNet (and optionally the text encoder) on the subject photos."""
+"""DreamBooth: fine-tune the UNet (all of it, or the parameters named) and optionally the text encoder."""
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 from pathlib import Path
 
 import torch
 
-from layout_retouch.errors import PromptError
+from layout_retouch.errors import LayoutRetouchError, PromptError
 from layout_retouch.personalize.common import PersonalizationMethod, save_dtype
 
 
@@ -28,6 +29,12 @@ class DreamBooth(PersonalizationMethod):
             module.requires_grad_(True)
             module.train()
             params.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
+        if self.config.unet_trainable:
+            kept = trainable_unet_names(self.pipe.unet, self.config.unet_trainable)
+            for name, param in self.pipe.unet.named_parameters():
+                if name not in kept:
+                    param.requires_grad_(False)
+                    del params[f"unet.{name}"]
         return params
 
     def save(self, output: Path) -> None:
@@ -44,6 +51,21 @@ class DreamBooth(PersonalizationMethod):
         if not self.config.omit_unchanged:
             return []
         return ["vae"] + ([] if self.trains_text_encoder else ["text_encoder"])
+
+
+def trainable_unet_names(unet: torch.nn.Module, patterns: tuple[str, ...]) -> set[str]:
+    """The UNet parameter names matching any pattern; a pattern that matches none is a typo."""
+    names = [n for n, _ in unet.named_parameters()]
+    kept: set[str] = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise LayoutRetouchError(
+                f"--unet-trainable {pattern!r} matches no UNet parameter; names look like {names[0]!r} "
+                f"or {names[len(names) // 2]!r}"
+            )
+        kept.update(matched)
+    return kept
 
 
 def check_token_known(tokenizer, token: str) -> None:
