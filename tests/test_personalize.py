@@ -109,6 +109,16 @@ def test_dreambooth_unet_trainable_tunes_only_the_named_parameters(base, photos,
         personalize(config("dreambooth", base, photos, tmp_path / "typo", unet_trainable=("*attn9*",)))
 
 
+def test_dreambooth_text_encoder_trainable_tunes_only_the_named_parameters(base, photos, tmp_path):
+    result = personalize(config("dreambooth", base, photos, tmp_path / "db", train_text_encoder=True,
+                                text_encoder_trainable=("*token_embedding*",)))
+    vanilla, tuned = load(base), load(result.output)
+    before, after = dict(vanilla.text_encoder.named_parameters()), dict(tuned.text_encoder.named_parameters())
+    assert {n for n in before if not torch.equal(before[n], after[n])} == {"embeddings.token_embedding.weight"}
+    with pytest.raises(LayoutRetouchError, match="--train-text-encoder"):
+        personalize(config("dreambooth", base, photos, tmp_path / "x", text_encoder_trainable=("*",)))
+
+
 def test_lora_file_loads_into_diffusers_and_changes_output(base, photos, tmp_path):
     result = personalize(config("lora", base, photos, tmp_path / "lora", rank=2))
     weights = load_file(result.output / LORA_WEIGHTS_FILE)

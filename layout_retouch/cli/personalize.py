@@ -49,6 +49,10 @@ def register(subparsers) -> None:
     db.add_argument("--unet-trainable", nargs="+", metavar="PATTERN", default=list(defaults.unet_trainable),
                     help="fine-tune only the UNet parameters whose names match these fnmatch patterns "
                          "(default: all), e.g. '*attn2.to_k.*' '*attn2.to_v.*' (Custom Diffusion's set)")
+    db.add_argument("--text-encoder-trainable", nargs="+", metavar="PATTERN",
+                    default=list(defaults.text_encoder_trainable),
+                    help="with --train-text-encoder: only these text-encoder parameters (default: all), e.g. "
+                         "'embeddings.token_embedding.weight'")
     db.add_argument("--with-prior-preservation", action=argparse.BooleanOptionalAction,
                     default=defaults.with_prior_preservation,
                     help="also train on class images the base model generates (default off, as in diffusers)")

@@ -57,6 +57,9 @@ class PersonalizeConfig:
     # DreamBooth paper). [choice] For studies of where a personalization lives, e.g.
     # ("*attn2.to_k.*", "*attn2.to_v.*"): Custom Diffusion's set (without its regularization).
     unet_trainable: tuple[str, ...] = ()
+    # The same for the text encoder when it trains; e.g. ("embeddings.token_embedding.weight",): the
+    # word embeddings only, the encoder's layers frozen. [choice]
+    text_encoder_trainable: tuple[str, ...] = ()
     # Prior preservation (diffusers: off by default; TOYWORLD.md's toy recipe turns it on).
     with_prior_preservation: bool = False
     class_prompt: str | None = None  # None: "a photo of {class_word}"
@@ -101,8 +104,12 @@ class PersonalizeConfig:
             cfg.learning_rate = DEFAULT_LEARNING_RATES[cfg.method]
         cfg.class_prompt = cfg.class_prompt or f"a photo of {cfg.class_word}"
         cfg.unet_trainable = tuple(cfg.unet_trainable)
-        if cfg.unet_trainable and cfg.method != "dreambooth":
-            raise LayoutRetouchError("unet_trainable applies to DreamBooth only (LoRA: lora_target_modules)")
+        cfg.text_encoder_trainable = tuple(cfg.text_encoder_trainable)
+        if (cfg.unet_trainable or cfg.text_encoder_trainable) and cfg.method != "dreambooth":
+            raise LayoutRetouchError("unet_trainable and text_encoder_trainable apply to DreamBooth only "
+                                     "(LoRA: lora_target_modules)")
+        if cfg.text_encoder_trainable and not cfg.train_text_encoder:
+            raise LayoutRetouchError("text_encoder_trainable needs train_text_encoder (--train-text-encoder)")
         cfg.lora_alpha = float(cfg.rank) if cfg.lora_alpha is None else cfg.lora_alpha
         cfg.initializer_word = cfg.initializer_word or cfg.class_word
         cfg.work_dir = cfg.work_dir or str(Path(cfg.output) / "work")
@@ -126,6 +133,7 @@ class PersonalizeConfig:
                 "resolution", "train_text_encoder", "with_prior_preservation", "class_prompt",
                 "prior_loss_weight", "rank", "lora_alpha", "num_vectors", "initializer_word")
         fingerprint = {k: getattr(self, k) for k in keys}
-        if self.unet_trainable:  # only when set, so that older checkpoints still resume
-            fingerprint["unet_trainable"] = list(self.unet_trainable)
+        for key in ("unet_trainable", "text_encoder_trainable"):  # only when set: older checkpoints resume
+            if getattr(self, key):
+                fingerprint[key] = list(getattr(self, key))
         return fingerprint

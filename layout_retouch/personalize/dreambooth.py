@@ -29,12 +29,14 @@ class DreamBooth(PersonalizationMethod):
             module.requires_grad_(True)
             module.train()
             params.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
-        if self.config.unet_trainable:
-            kept = trainable_unet_names(self.pipe.unet, self.config.unet_trainable)
-            for name, param in self.pipe.unet.named_parameters():
-                if name not in kept:
-                    param.requires_grad_(False)
-                    del params[f"unet.{name}"]
+        patterns = {"unet": self.config.unet_trainable, "text_encoder": self.config.text_encoder_trainable}
+        for prefix, module in trained.items():
+            if patterns[prefix]:
+                kept = matching_parameter_names(module, patterns[prefix], prefix)
+                for name, param in module.named_parameters():
+                    if name not in kept:
+                        param.requires_grad_(False)
+                        del params[f"{prefix}.{name}"]
         return params
 
     def save(self, output: Path) -> None:
@@ -53,16 +55,16 @@ class DreamBooth(PersonalizationMethod):
         return ["vae"] + ([] if self.trains_text_encoder else ["text_encoder"])
 
 
-def trainable_unet_names(unet: torch.nn.Module, patterns: tuple[str, ...]) -> set[str]:
-    """The UNet parameter names matching any pattern; a pattern that matches none is a typo."""
-    names = [n for n, _ in unet.named_parameters()]
+def matching_parameter_names(module: torch.nn.Module, patterns: tuple[str, ...], component: str) -> set[str]:
+    """The parameter names matching any pattern; a pattern that matches none is a typo."""
+    names = [n for n, _ in module.named_parameters()]
     kept: set[str] = set()
     for pattern in patterns:
         matched = fnmatch.filter(names, pattern)
         if not matched:
             raise LayoutRetouchError(
-                f"--unet-trainable {pattern!r} matches no UNet parameter; names look like {names[0]!r} "
-                f"or {names[len(names) // 2]!r}"
+                f"--{component.replace('_', '-')}-trainable {pattern!r} matches no {component} parameter; names "
+                f"look like {names[0]!r} or {names[len(names) // 2]!r}"
             )
         kept.update(matched)
     return kept
