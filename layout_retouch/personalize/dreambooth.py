@@ -24,19 +24,15 @@ class DreamBooth(PersonalizationMethod):
         trained = {"unet": self.pipe.unet}
         if self.trains_text_encoder:
             trained["text_encoder"] = self.pipe.text_encoder
+        patterns = {"unet": self.config.unet_trainable, "text_encoder": self.config.text_encoder_trainable}
         params = {}
         for prefix, module in trained.items():
-            module.requires_grad_(True)
             module.train()
-            params.update({f"{prefix}.{n}": p for n, p in module.named_parameters()})
-        patterns = {"unet": self.config.unet_trainable, "text_encoder": self.config.text_encoder_trainable}
-        for prefix, module in trained.items():
-            if patterns[prefix]:
-                kept = matching_parameter_names(module, patterns[prefix], prefix)
-                for name, param in module.named_parameters():
-                    if name not in kept:
-                        param.requires_grad_(False)
-                        del params[f"{prefix}.{name}"]
+            kept = matching_parameter_names(module, patterns[prefix], prefix) if patterns[prefix] else None
+            for name, param in module.named_parameters():
+                if kept is None or name in kept:
+                    param.requires_grad_(True)
+                    params[f"{prefix}.{name}"] = param
         return params
 
     def save(self, output: Path) -> None:

@@ -38,6 +38,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -419,9 +420,7 @@ def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
             yield (PathInput(LAYOUT, noises(world, batch), False, a),
                    PathInput(TARGET, noises(world, batch, OTHER_NOISE), False, b))
 
-    unet = world.pair.pipe.unet
-    return routed_distances(world, s, cases(), lambda pattern, side, active: source_outputs_in_target(
-        unet, pattern, side, active))
+    return routed_distances(world, s, cases(), partial(source_outputs_in_target, world.pair.pipe.unet))
 
 
 @contextmanager
@@ -468,8 +467,7 @@ def probe_p6b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
                    PathInput(TARGET, z, True, world.conditioning(prompts.neutral, True)))
 
     vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
-    return routed_distances(world, s, cases(), lambda pattern, side, active: vanilla_outputs_in_personalized(
-        vanilla, personalized, pattern, side, active))
+    return routed_distances(world, s, cases(), partial(vanilla_outputs_in_personalized, vanilla, personalized))
 
 
 def probe_p5(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
