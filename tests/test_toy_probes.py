@@ -164,15 +164,17 @@ def test_routing_swap_gives_the_target_the_sources_outputs_at_one_resolution(wor
             assert torch.equal(out[0], out[1]) == (active and side16), name
 
 
-def test_vanilla_outputs_replace_the_personalized_ones_at_one_side_only(world):
-    """P6b's swap: the personalized UNet's modules of the route at that side return what the vanilla UNet's
-    module of the same name returned in its call just before; other sides and inactive calls are its own."""
+@pytest.mark.parametrize("side", [16, None])
+def test_vanilla_outputs_replace_the_personalized_ones_at_one_side_only(world, side):
+    """P6b's swap: the personalized UNet's modules of the route at that side (every side: None) return what the
+    vanilla UNet's module of the same name returned in its call just before; other sides and inactive calls are
+    its own."""
     vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
     z = torch.cat([world.noise(0), world.noise(500)])
     text = world.conditioning("a photo of a red star on the beach", False).cond.expand(2, -1, -1)
     for active in (True, False):
         outputs: dict[str, dict[str, torch.Tensor]] = {"vanilla": {}, "personalized": {}}
-        with vanilla_outputs_in_personalized(vanilla, personalized, r".*attn1", 16, lambda a=active: a):
+        with vanilla_outputs_in_personalized(vanilla, personalized, r".*attn1", side, lambda a=active: a):
             handles = [m.register_forward_hook(  # after the swap's hooks: they see what the module returns
                 lambda module, args, out, key=key, name=name, seen=outputs: seen[key].__setitem__(name, out))
                 for key, unet in (("vanilla", vanilla), ("personalized", personalized))
@@ -183,9 +185,10 @@ def test_vanilla_outputs_replace_the_personalized_ones_at_one_side_only(world):
             finally:
                 for handle in handles:
                     handle.remove()
+        assert outputs["personalized"]
         for name, out in outputs["personalized"].items():
-            side16 = out.shape[1] == 256
-            assert torch.equal(out, outputs["vanilla"][name]) == (active and side16), name
+            swapped = side is None or out.shape[1] == side * side
+            assert torch.equal(out, outputs["vanilla"][name]) == (active and swapped), name
 
 
 def test_a_lora_can_be_the_probed_personalization():

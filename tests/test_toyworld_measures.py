@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from layout_retouch.toyworld.measures import (
     identity,
@@ -55,3 +56,15 @@ def test_layout_diversity_spread_and_entropy():
 
 def test_identity_is_the_mean_probability():
     assert identity([reading(identity=0.2), reading(identity=0.8)]) == 0.5
+
+
+def test_personalized_report_refuses_a_prompt_template_without_its_fields(capsys):
+    """The report's prompt wording can be set (a toy personalization may answer to one wording only); a template
+    that cannot name the subject or the context is refused before any model loads."""
+    from layout_retouch.toyworld.personalized_report import main
+
+    for argv, named in ((["--neutral", "a photo of a star"], "{subject}"),
+                        (["--context", "a photo of a {subject}"], "{context}")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert named in capsys.readouterr().err

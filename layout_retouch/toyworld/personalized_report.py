@@ -47,8 +47,9 @@ def sample(pipe: StableDiffusionPipeline, prompt: str, seeds: range, steps: int,
                 generator=generators).images
 
 
-def measure(pipe, subject: str, oracles: Oracles, steps: int, guidance: float) -> tuple[dict, list]:
-    neutral = NEUTRAL.format(subject=subject)
+def measure(pipe, subject: str, oracles: Oracles, steps: int, guidance: float, neutral_template: str = NEUTRAL,
+            context_template: str = CONTEXT_PROMPT) -> tuple[dict, list]:
+    neutral = neutral_template.format(subject=subject)
     images = sample(pipe, neutral, range(NEUTRAL_SEEDS), steps, guidance)
     readings = oracles.read(images)
     report = {
@@ -59,10 +60,11 @@ def measure(pipe, subject: str, oracles: Oracles, steps: int, guidance: float) -
     }
     prompts, context_images = [], []
     for context in CONTEXTS:
-        prompt = CONTEXT_PROMPT.format(subject=subject, context=context)
+        prompt = context_template.format(subject=subject, context=context)
         context_images += sample(pipe, prompt, range(CONTEXT_SEEDS), steps, guidance)
         prompts += [prompt] * CONTEXT_SEEDS
     context_readings = oracles.read(context_images)
+    report["context_prompt"] = context_template
     report["context_fidelity"] = prompt_fidelity(context_readings, prompts)
     report["identity_context"] = identity(context_readings)
     return report, images[:16] + context_images[::4]
@@ -78,7 +80,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    # A toy personalization can answer to one wording only (`a photo of sks star` but not `a photo of a sks star`):
+    # read it in the wording it was trained on.
+    parser.add_argument("--neutral", default=NEUTRAL, help=f"neutral prompt template (default {NEUTRAL!r})")
+    parser.add_argument("--context", default=CONTEXT_PROMPT,
+                        help=f"context prompt template (default {CONTEXT_PROMPT!r})")
     args = parser.parse_args(argv)
+    for option, template, fields in (("--neutral", args.neutral, ("{subject}",)),
+                                     ("--context", args.context, ("{subject}", "{context}"))):
+        missing = [f for f in fields if f not in template]
+        if missing:
+            parser.error(f"{option} {template!r} lacks {' and '.join(missing)}, e.g. {parser.get_default(option[2:])!r}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     oracles = Oracles.load()
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             pipe = load_base_pipeline(args.vanilla, "cpu")
         else:
             pipe = load_personalized_pipeline(args.vanilla, args.models / FOLDERS[name])
-        result, shown = measure(pipe, SUBJECT[name], oracles, args.steps, args.guidance)
+        result, shown = measure(pipe, SUBJECT[name], oracles, args.steps, args.guidance, args.neutral, args.context)
         result["seconds"] = round(time.time() - began, 1)
         report["models"][name] = result
         grid(shown).save(args.out / f"samples_{name}.png")

@@ -424,16 +424,16 @@ def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
 
 
 @contextmanager
-def vanilla_outputs_in_personalized(vanilla, personalized, pattern: str, side: int,
+def vanilla_outputs_in_personalized(vanilla, personalized, pattern: str, side: int | None,
                                     active: Callable[[], bool]) -> Iterator[None]:
-    """While `active()`, every module of the `personalized` UNet named like `pattern` at side x side returns what
-    the module of the same name in the `vanilla` UNet returned last. In `World.lockstep` with a vanilla source
-    and a personalized target the source's model runs first, one path per call, so the shapes match."""
+    """While `active()`, every module of the `personalized` UNet named like `pattern` at side x side (any side:
+    None) returns what the module of the same name in the `vanilla` UNet returned last. In `World.lockstep` with a
+    vanilla source and a personalized target the source's model runs first, one path per call, so the shapes match."""
     kept: dict[str, torch.Tensor] = {}
 
     def keep(name):
         def hook(module, args, output):
-            if active() and feature_side(output) == side:
+            if active() and (side is None or feature_side(output) == side):
                 kept[name] = output
         return hook
 
