@@ -18,13 +18,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
 PROMPTS = ("a photo of sks star", "a photo of a sks star", "a photo of sks star in the snow",
            "a photo of a sks star in the snow", "a photo of sks star at night", "a photo of a sks star at night")
 
 
 def main() -> None:
+    from layout_retouch.cli.options import add_readout_options, set_threads
     from layout_retouch.personalize.loading import load_personalized_pipeline
     from layout_retouch.toyworld.measures import layout_diversity
     from layout_retouch.toyworld.oracles import Oracles
@@ -35,14 +35,10 @@ def main() -> None:
     parser.add_argument("--vanilla", type=Path, default=TOY_MODELS / VANILLA)
     parser.add_argument("--personalized", type=Path, required=True, help="a personalized model's folder")
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS))
-    parser.add_argument("--seeds", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="write the readings here as JSON")
+    add_readout_options(parser, seeds=16, steps=30)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     pipe = load_personalized_pipeline(str(args.vanilla), args.personalized)
     pipe.set_progress_bar_config(disable=True)
     oracles = Oracles.load()

@@ -47,6 +47,7 @@ VARIANTS = {  # name -> (self-attention swap or None, cross-attention query swap
 
 def main() -> None:
     from layout_retouch.attention_control import LAYOUT, TARGET, AttentionController, ControlPlan
+    from layout_retouch.cli.options import add_readout_options, set_threads
     from layout_retouch.sampling import PathInput
     from layout_retouch.toyworld import probes
     from layout_retouch.toyworld.scene import SCENES
@@ -57,17 +58,13 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=TOY_MODELS)
     parser.add_argument("--personalized", default=DREAMBOOTH, help="the personalized model's folder in --models")
     parser.add_argument("--neutral", help="the target's prompt instead of the method's P_n")
-    parser.add_argument("--seeds", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="write the readings here as JSON")
+    add_readout_options(parser, seeds=16, steps=20)
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.set_grad_enabled(False)
 
     world = probes.World(args.models, args.personalized)

@@ -49,6 +49,15 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
                    "1.9x faster than one when quiet, and 3-15x slower when another job held a core)")
 
 
+def add_readout_options(p: argparse.ArgumentParser, *, seeds: int, steps: int, guidance: float = 5.0) -> None:
+    """Seeds, steps, guidance, threads and a JSON output: what every toy-world readout script takes."""
+    p.add_argument("--seeds", type=int, default=seeds)
+    p.add_argument("--steps", type=int, default=steps, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=guidance)
+    add_threads_option(p)
+    p.add_argument("--out", type=Path, help="write the readings here as JSON")
+
+
 def idle_cores(sample_seconds: float = 0.5, stat: Path = Path("/proc/stat")) -> int:
     """Cores idle right now, from two reads of /proc/stat (the load average lags by a minute);
     every core where /proc/stat does not exist."""

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                                      ("--context", args.context, ("{subject}", "{context}"))):
         missing = [f for f in fields if f not in template]
         if missing:
-            parser.error(f"{option} {template!r} lacks {' and '.join(missing)}, e.g. {parser.get_default(option[2:])!r}")
+            example = parser.get_default(option[2:])
+            parser.error(f"{option} {template!r} lacks {' and '.join(missing)}, e.g. {example!r}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     oracles = Oracles.load()
