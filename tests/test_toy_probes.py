@@ -165,7 +165,7 @@ def test_routing_swap_gives_the_target_the_sources_outputs_at_one_resolution(wor
 
 
 @pytest.mark.parametrize("side", [16, None])
-def test_vanilla_outputs_replace_the_personalized_ones_at_one_side_only(world, side):
+def test_vanilla_outputs_replace_the_personalized_ones_at_the_side_asked(world, side):
     """P6b's swap: the personalized UNet's modules of the route at that side (every side: None) return what the
     vanilla UNet's module of the same name returned in its call just before; other sides and inactive calls are
     its own."""
