@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,7 @@ def main() -> None:
             swap = contextlib.nullcontext()
             if cross_swap:
                 swap = probes.vanilla_outputs_in_personalized(vanilla, personalized, CROSS_QUERIES, None,
-                                                              partial(lambda c, u: c.step < u, controller, until))
+                                                              lambda c=controller, u=until: c.step < u)
             with swap:
                 src, tgt = world.lockstep(layout, target, plan, timesteps, args.guidance, controller)
             readings = world.read(torch.cat([src, tgt]))
