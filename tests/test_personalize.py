@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,7 +22,9 @@ from layout_retouch.personalize import (
     PersonalizeConfig,
     personalize,
 )
+from layout_retouch.personalize.data import load_masks, load_photos, subject_masks, subject_photos
 from layout_retouch.personalize.loading import detect_method, load_personalized_pipeline
+from layout_retouch.personalize.training import masked_mse
 from layout_retouch.tiny_models import save_tiny_pipeline
 
 PROMPT = "a photo of sks star"
@@ -218,3 +221,65 @@ def test_load_personalized_pipeline_applies_each_output(base, photos, tmp_path, 
     pipe = load_personalized_pipeline(str(base), result.output)
     prompt = "a photo of <sks> star" if method == "textual_inversion" else PROMPT
     assert np.abs(draw(pipe, prompt) - draw(load(base), prompt.replace("<sks>", "star"))).max() > 1e-3
+
+
+def test_masked_loss_counts_only_the_subject():
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 2:5, 3:6] = 1.0
+    loss = masked_mse(prediction, target, mask)
+    changed = target.clone()
+    changed[..., 0, :] += 5.0  # row 0 lies outside the mask
+    torch.testing.assert_close(masked_mse(prediction, changed, mask), loss)
+    torch.testing.assert_close(loss, F.mse_loss(prediction[..., 2:5, 3:6], target[..., 2:5, 3:6]))
+    torch.testing.assert_close(masked_mse(prediction, target, torch.ones(2, 1, 8, 8)), F.mse_loss(prediction, target))
+
+
+def test_masks_are_cropped_as_their_photos(tmp_path):
+    photo_dir, mask_dir = tmp_path / "photos", tmp_path / "masks"
+    photo_dir.mkdir(), mask_dir.mkdir()
+    for i, (h, w) in enumerate([(40, 56), (56, 40)]):  # wide and tall: cropped on either axis
+        inside = np.zeros((h, w), bool)
+        inside[h // 2 - 6:h // 2 + 14, w // 2 - 14:w // 2 + 2] = True  # off the crop's center
+        photo = np.zeros((h, w, 3), np.uint8)
+        photo[inside, 0] = 255
+        Image.fromarray(photo).save(photo_dir / f"p{i}.png")
+        Image.fromarray(inside.astype(np.uint8) * 255).save(mask_dir / f"p{i}.png")
+    paths = subject_photos(photo_dir)
+    masks = load_masks(subject_masks(paths, mask_dir), 16)
+    red = load_photos(paths, 16)[:, :1] > 0
+    assert masks.shape == (2, 1, 16, 16)
+    assert torch.equal(masks > 0.5, red)
+    assert 0.1 < red.float().mean() < 0.5
+
+
+def test_subject_masks_weigh_the_loss(base, photos, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    full.mkdir(), half.mkdir()
+    for path in subject_photos(photos):
+        Image.new("L", (40, 40), 255).save(full / f"{path.stem}.png")
+        left = np.zeros((40, 40), np.uint8)
+        left[:, :20] = 255
+        Image.fromarray(left).save(half / f"{path.stem}.png")
+    plain = personalize(config("lora", base, photos, tmp_path / "plain"))
+    whole = personalize(config("lora", base, photos, tmp_path / "whole", subject_masks=str(full)))
+    masked = personalize(config("lora", base, photos, tmp_path / "masked", subject_masks=str(half)))
+    a, b, c = (load_file(r.output / LORA_WEIGHTS_FILE) for r in (plain, whole, masked))
+    for key in a:  # an all-white mask is the plain loss; half a mask trains something else
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a[key], c[key]) for key in a)
+    assert json.loads((masked.output / METADATA_FILE).read_text())["config"]["subject_masks"] == str(half)
+
+
+def test_subject_mask_errors_name_the_problem(base, photos, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (8, 8), 255).save(masks / "subject_0.png")
+    with pytest.raises(ImageInputError, match="no subject mask .* for subject_1.png, subject_2.png"):
+        personalize(config("lora", base, photos, tmp_path / "o", subject_masks=str(masks)))
+    for i in (1, 2):
+        Image.new("L", (8, 8), 0).save(masks / f"subject_{i}.png")
+    with pytest.raises(ImageInputError, match="marks nothing as subject"):
+        personalize(config("lora", base, photos, tmp_path / "o", subject_masks=str(masks)))
+    with pytest.raises(ImageInputError, match="does not exist"):
+        personalize(config("lora", base, photos, tmp_path / "o", subject_masks=str(tmp_path / "none")))

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--base", required=True, help="diffusers StableDiffusionPipeline folder or hub id")
     p.add_argument("--photos", required=True, help="folder of subject photos (every image in it)")
     p.add_argument("--output", required=True, help="folder to write the personalized model to")
+    p.add_argument("--subject-masks", metavar="DIR",
+                   help="folder with a mask per photo (same file name stem, white = subject): the loss then "
+                        "counts only the subject, not the photos' background (default: the whole image)")
     p.add_argument("--token", default=defaults.token, help="subject token: sks (DreamBooth/LoRA), <sks> (TI)")
     p.add_argument("--class-word", default=defaults.class_word)
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,

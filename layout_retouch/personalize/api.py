@@ -13,7 +13,7 @@ import torch
 from layout_retouch.personalize.base import default_device, load_base_pipeline, training_resolution
 from layout_retouch.personalize.common import PersonalizationMethod, write_metadata
 from layout_retouch.personalize.config import PersonalizeConfig
-from layout_retouch.personalize.data import load_photos, subject_photos
+from layout_retouch.personalize.data import load_masks, load_photos, subject_masks, subject_photos
 from layout_retouch.personalize.dreambooth import DreamBooth
 from layout_retouch.personalize.lora import DreamBoothLoRA
 from layout_retouch.personalize.prior import ensure_class_images
@@ -43,10 +43,12 @@ def personalize(config: PersonalizeConfig) -> PersonalizeResult:
     """Train `config.method` on the photos in `config.photos` and write the result to `config.output`."""
     cfg = config.resolved()
     photo_paths = subject_photos(cfg.photos)  # fail on an empty folder before loading any model
+    mask_paths = subject_masks(photo_paths, cfg.subject_masks) if cfg.subject_masks else None
     device = cfg.device or default_device()
     pipe = load_base_pipeline(cfg.base, device)
     cfg.resolution = cfg.resolution or training_resolution(pipe)
     photos = load_photos(photo_paths, cfg.resolution)
+    masks = load_masks(mask_paths, cfg.resolution) if mask_paths else None
 
     class_images, class_seconds = None, 0.0
     if cfg.method == "dreambooth" and cfg.with_prior_preservation:
@@ -60,7 +62,7 @@ def personalize(config: PersonalizeConfig) -> PersonalizeResult:
 
     method = METHOD_CLASSES[cfg.method](pipe, cfg)
     params = method.setup()
-    outcome = train(method, params, cfg, photos, class_images)
+    outcome = train(method, params, cfg, photos, class_images, masks)
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,10 @@ class PersonalizeConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     resolution: int | None = None  # None: unet.config.sample_size * vae_scale_factor
+    # A folder with one mask per photo (same file stem, white = subject): the photos' loss then
+    # counts the subject's pixels only, so the photos' background and framing weigh less. None: the
+    # whole image (the DreamBooth paper, diffusers). [choice] Every method; class images stay whole.
+    subject_masks: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
 
     # --- DreamBooth
@@ -136,4 +140,6 @@ class PersonalizeConfig:
         for key in ("unet_trainable", "text_encoder_trainable"):  # only when set: older checkpoints resume
             if getattr(self, key):
                 fingerprint[key] = list(getattr(self, key))
+        if self.subject_masks:  # whether, not where: a moved mask folder still resumes
+            fingerprint["subject_masks"] = True
         return fingerprint

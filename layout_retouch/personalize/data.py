@@ -1,4 +1,4 @@
-"""Subject photos: every image in a folder, resized and center-cropped to the model's resolution."""
+"""Subject photos (every image in a folder) and their optional subject masks, center-cropped alike."""
 
 from __future__ import annotations
 
@@ -21,20 +21,26 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_photo(path: Path, resolution: int) -> torch.Tensor:
-    """One photo as a (3, resolution, resolution) tensor in [-1, 1] (the VAE's input range)."""
+def _open(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            return img.convert(mode)
     except (UnidentifiedImageError, OSError) as err:
         raise ImageInputError(f"cannot read image {str(path)!r} ({err}); remove it or replace it") from err
+
+
+def _center_square(img: Image.Image, resolution: int) -> Image.Image:
     # Shorter side to `resolution`, then the central square, as the diffusers DreamBooth recipe does.
     scale = resolution / min(img.size)
     size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
     img = img.resize(size, Image.BICUBIC)
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def load_photo(path: Path, resolution: int) -> torch.Tensor:
+    """One photo as a (3, resolution, resolution) tensor in [-1, 1] (the VAE's input range)."""
+    array = np.asarray(_center_square(_open(path, "RGB"), resolution), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -51,3 +57,27 @@ def subject_photos(folder: str | Path) -> list[Path]:
 def load_photos(paths: list[Path], resolution: int) -> torch.Tensor:
     """The photos as one (N, 3, R, R) batch in [-1, 1]."""
     return torch.stack([load_photo(p, resolution) for p in paths])
+
+
+def subject_masks(photos: list[Path], folder: str | Path) -> list[Path]:
+    """The mask of each photo in `folder`: the image file with the photo's stem (white = subject)."""
+    folder = Path(folder)
+    by_stem = {p.stem: p for p in list_images(folder)}
+    missing = [p.name for p in photos if p.stem not in by_stem]
+    if missing:
+        raise ImageInputError(
+            f"no subject mask in {str(folder)!r} for {', '.join(missing)}; give each photo a mask image of the "
+            "same name (white = subject, black = background)"
+        )
+    return [by_stem[p.stem] for p in photos]
+
+
+def load_masks(paths: list[Path], resolution: int) -> torch.Tensor:
+    """The masks as one (N, 1, R, R) batch in [0, 1], cropped as the photos are; an empty mask is an error."""
+    masks = []
+    for path in paths:
+        array = np.asarray(_center_square(_open(path, "L"), resolution), dtype=np.float32) / 255.0
+        if array.max() < 0.5:
+            raise ImageInputError(f"subject mask {str(path)!r} marks nothing as subject (white = subject)")
+        masks.append(torch.from_numpy(array)[None])
+    return torch.stack(masks)

@@ -51,17 +51,30 @@ class LatentSource:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return cls(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), float(shift))
 
-    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` latents of randomly chosen images, and which images they are."""
         index = torch.randint(len(self.mean), (count,), generator=generator)
         eps = torch.randn(self.mean[index].shape, generator=generator).to(self.mean.device)
-        return (self.mean[index] + self.std[index] * eps - self.shift) * self.scale
+        return (self.mean[index] + self.std[index] * eps - self.shift) * self.scale, index
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared error over the mask's pixels (weighted by its soft values); all pixels when None."""
+    if mask is None:
+        return F.mse_loss(prediction.float(), target.float())
+    squared = (prediction.float() - target.float()) ** 2 * mask
+    return squared.sum() / (mask.sum() * prediction.shape[1]).clamp_min(1e-8)
 
 
 def train(
     method: PersonalizationMethod, params: dict[str, torch.nn.Parameter], config: PersonalizeConfig,
-    photos: torch.Tensor, class_images: torch.Tensor | None,
+    photos: torch.Tensor, class_images: torch.Tensor | None, masks: torch.Tensor | None = None,
 ) -> TrainingOutcome:
-    """Run `config.max_steps` optimisation steps (from the newest checkpoint when `config.resume`)."""
+    """Run `config.max_steps` optimisation steps (from the newest checkpoint when `config.resume`).
+
+    With `masks` ((N, 1, H, W) in [0, 1], one per photo) the subject photos' loss counts only the
+    subject's pixels, so that the background of the photos is not learned; class images count whole.
+    """
     pipe = method.pipe
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(config.seed)
@@ -72,6 +85,9 @@ def train(
     noise_scheduler = noise_scheduler_for(pipe)
     instance = LatentSource.encode(pipe.vae, photos)
     prior = LatentSource.encode(pipe.vae, class_images) if class_images is not None else None
+    latent_masks = None
+    if masks is not None:  # area-averaged to the latent grid: a latent pixel half on the subject weighs 0.5
+        latent_masks = F.interpolate(masks.float(), size=instance.mean.shape[-2:], mode="area").to(device)
     instance_prompt = method.training_prompt(config.instance_prompt())
     prompts = [instance_prompt] * config.batch_size
     if prior is not None:
@@ -93,9 +109,10 @@ def train(
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
                desc=f"personalize ({method.name})", disable=not config.progress)
     for step in bar:
-        latents = instance.sample(config.batch_size, generator)
+        latents, index = instance.sample(config.batch_size, generator)
+        mask = latent_masks[index.to(device)] if latent_masks is not None else None
         if prior is not None:
-            latents = torch.cat([latents, prior.sample(config.batch_size, generator)])
+            latents = torch.cat([latents, prior.sample(config.batch_size, generator)[0]])
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(
             noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator
@@ -107,12 +124,12 @@ def train(
         else:
             target = noise
         if prior is None:
-            loss = F.mse_loss(prediction.float(), target.float())
+            loss = masked_mse(prediction, target, mask)
         else:
             pred_subject, pred_class = prediction.chunk(2)
             target_subject, target_class = target.chunk(2)
-            loss = F.mse_loss(pred_subject.float(), target_subject.float()) + config.prior_loss_weight * (
-                F.mse_loss(pred_class.float(), target_class.float())
+            loss = masked_mse(pred_subject, target_subject, mask) + config.prior_loss_weight * (
+                masked_mse(pred_class, target_class, None)
             )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)

@@ -1,12 +1,17 @@
 """Write the `sks star` reference photos (what a user would hand to DreamBooth) as PNG files.
 
-  python -m layout_retouch.toyworld.references [--out DIR] [--count 5]
+  python -m layout_retouch.toyworld.references [--out DIR] [--count 5] [--masks DIR]
+
+`--masks DIR` also writes the renderer's exact subject mask of each photo, under the photo's name
+(white = subject), for `personalize --subject-masks DIR`.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from PIL import Image
 
 from layout_retouch.toyworld.datasets import reference_sample
 
@@ -15,13 +20,18 @@ REFERENCE_COUNT = 5
 REFERENCE_SEEDS = tuple(range(REFERENCE_COUNT))
 
 
-def write_references(out: Path = REFERENCE_DIR, seeds=REFERENCE_SEEDS) -> list[Path]:
+def write_references(out: Path = REFERENCE_DIR, seeds=REFERENCE_SEEDS, masks: Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        masks.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed in seeds:
-        path = out / f"sks_star_{seed:02d}.png"
-        reference_sample(seed).pil().save(path)
-        paths.append(path)
+        name = f"sks_star_{seed:02d}.png"
+        sample = reference_sample(seed)
+        sample.pil().save(out / name)
+        if masks is not None:
+            Image.fromarray(sample.mask.astype("uint8") * 255).save(masks / name)
+        paths.append(out / name)
     return paths
 
 
@@ -29,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--count", type=int, default=REFERENCE_COUNT)
+    parser.add_argument("--masks", type=Path, help="also write each photo's exact subject mask here")
     args = parser.parse_args(argv)
-    for path in write_references(args.out, range(args.count)):
+    for path in write_references(args.out, range(args.count), args.masks):
         print(path)
 
 
