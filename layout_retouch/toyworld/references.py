@@ -3,7 +3,8 @@
   python -m layout_retouch.toyworld.references [--out DIR] [--count 5] [--masks DIR]
 
 `--masks DIR` also writes the renderer's exact subject mask of each photo, under the photo's name
-(white = subject), for `personalize --subject-masks DIR`.
+(white = subject), for `personalize --subject-masks DIR`; `--mask-dilate PX` grows it by PX pixels
+(the subject's outline then counts whole in the latent grid, 4 px a cell).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from PIL import Image
+from scipy import ndimage
 
 from layout_retouch.toyworld.datasets import reference_sample
 
@@ -20,7 +22,9 @@ REFERENCE_COUNT = 5
 REFERENCE_SEEDS = tuple(range(REFERENCE_COUNT))
 
 
-def write_references(out: Path = REFERENCE_DIR, seeds=REFERENCE_SEEDS, masks: Path | None = None) -> list[Path]:
+def write_references(
+    out: Path = REFERENCE_DIR, seeds=REFERENCE_SEEDS, masks: Path | None = None, mask_dilate: int = 0,
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
@@ -30,7 +34,8 @@ def write_references(out: Path = REFERENCE_DIR, seeds=REFERENCE_SEEDS, masks: Pa
         sample = reference_sample(seed)
         sample.pil().save(out / name)
         if masks is not None:
-            Image.fromarray(sample.mask.astype("uint8") * 255).save(masks / name)
+            mask = ndimage.binary_dilation(sample.mask, iterations=mask_dilate) if mask_dilate else sample.mask
+            Image.fromarray(mask.astype("uint8") * 255).save(masks / name)
         paths.append(out / name)
     return paths
 
@@ -40,8 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--count", type=int, default=REFERENCE_COUNT)
     parser.add_argument("--masks", type=Path, help="also write each photo's exact subject mask here")
+    parser.add_argument("--mask-dilate", type=int, default=0, help="grow the masks by this many pixels")
     args = parser.parse_args(argv)
-    for path in write_references(args.out, range(args.count), args.masks):
+    for path in write_references(args.out, range(args.count), args.masks, args.mask_dilate):
         print(path)
 
 
