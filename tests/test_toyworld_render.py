@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from layout_retouch.toyworld.datasets import (
     generic_sample,
@@ -12,6 +13,7 @@ from layout_retouch.toyworld.datasets import (
     personal_sample,
     reference_sample,
 )
+from layout_retouch.toyworld.references import REFERENCE_DIR, write_references
 from layout_retouch.toyworld.render import SIZE_WORD_RANGE, render, texture_field
 from layout_retouch.toyworld.scene import (
     CLASSES,
@@ -117,6 +119,17 @@ def test_references_are_large_centered_studio_shots():
         assert r.spec.scene == "studio" and r.spec.pattern == "personal"
         assert r.size >= 30 and np.hypot(r.center[0] - 32, r.center[1] - 32) <= 6
         assert "sks star" in r.caption
+
+
+def test_reference_photos_and_masks_as_shipped(tmp_path):
+    exact, grown = tmp_path / "exact", tmp_path / "grown"
+    (path,) = write_references(tmp_path / "photos", seeds=(0,), masks=exact)
+    write_references(tmp_path / "photos", seeds=(0,), masks=grown, mask_dilate=2)
+    assert path.read_bytes() == (REFERENCE_DIR / path.name).read_bytes()
+    mask = np.asarray(Image.open(exact / path.name)) > 0
+    assert np.array_equal(mask, reference_sample(0).mask)
+    wider = np.asarray(Image.open(grown / path.name)) > 0
+    assert (wider >= mask).all() and wider.sum() > mask.sum()
 
 
 def test_held_out_split():
