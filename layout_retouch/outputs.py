@@ -35,14 +35,27 @@ def prompt_folder(prompt: str, limit: int = 40) -> str:
     return f"{readable}-{digest(prompt, 8)}"
 
 
+def plain_file_mode() -> int:
+    """The permissions a plain open() gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _readable_temp(folder: Path, name: str) -> tuple[int, str]:
     """A temporary file beside the result, with the permissions a plain open() would give it
     (mkstemp makes it owner-only)."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, plain_file_mode())
     return fd, tmp
+
+
+def make_readable(folder: Path) -> None:
+    """Give every file under `folder` a plain open()'s permissions (safetensors writes owner-only files)."""
+    mode = plain_file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from layout_retouch.cli import main
 from layout_retouch.errors import ImageInputError, LayoutRetouchError, ModelLoadError, PromptError
+from layout_retouch.outputs import plain_file_mode
 from layout_retouch.personalize import (
     EMBEDS_FILE,
     LORA_WEIGHTS_FILE,
@@ -143,6 +144,8 @@ def test_textual_inversion_embedding_loads_into_diffusers(base, photos, tmp_path
                                 num_vectors=num_vectors))
     embeds = load_file(result.output / EMBEDS_FILE)
     assert list(embeds) == ["<sks>"] and embeds["<sks>"].shape == (num_vectors, 32)
+    # shareable like any file the user writes (safetensors alone writes them owner-only)
+    assert (result.output / EMBEDS_FILE).stat().st_mode & 0o777 == plain_file_mode()
     pipe = load(base)
     star = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("star</w>")]
     assert not torch.allclose(embeds["<sks>"], star.expand(num_vectors, -1))  # moved from the initializer

@@ -10,6 +10,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from layout_retouch.outputs import make_readable
 from layout_retouch.personalize.base import default_device, load_base_pipeline, training_resolution
 from layout_retouch.personalize.common import PersonalizationMethod, write_metadata
 from layout_retouch.personalize.config import PersonalizeConfig
@@ -74,6 +75,7 @@ def personalize(config: PersonalizeConfig) -> PersonalizeResult:
         final_loss=sum(tail) / len(tail) if tail else None,
     )
     write_metadata(output, _metadata(result, method))
+    make_readable(output)  # a model folder to share or copy, not owner-only files
     return result
 
 
