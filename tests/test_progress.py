@@ -1,5 +1,6 @@
 """The pipeline's step progress: a callback sees both stages' steps, and an exception it raises ends the run."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,4 +78,7 @@ def test_exception_from_callback_ends_run_and_pipeline_still_works(toy_pipe, tmp
     again = pipe(PROMPT, reference_image=reference, config=config, generator=torch.Generator().manual_seed(1))
     fresh = LayoutRetouchPipeline(pipe.models, progress=False)
     expected = fresh(PROMPT, reference_image=reference, config=config, generator=torch.Generator().manual_seed(1))
-    assert again.images[0].tobytes() == expected.images[0].tobytes()
+    # Equal up to float rounding: where the reference's inversion is cached, its rows no longer ride in Stage 1's
+    # UNet calls, and the rows a call carries can change the others' rounding (a pixel level at most here).
+    difference = np.abs(np.asarray(again.images[0], np.int16) - np.asarray(expected.images[0], np.int16))
+    assert difference.max() <= 1

@@ -361,7 +361,13 @@ def test_ablation_rows_run_and_differ_where_they_should(pipe, tiny_dir, cache_di
     # V with blending that never starts is IV; IV and V share their layout (Stage 1).
     late = run_method(pipe, tiny_dir, cache_dir, "V", mask_start_step=STEPS)
     assert torch.allclose(late.images, out["IV"].images, rtol=1e-4, atol=1e-4)
-    assert torch.equal(out["IV"].trajectory.latents[-1], out["II"].trajectory.latents[-1])
+    # Stage 2's first steps ride in Stage 1's UNet calls (`pipeline_stages`); the rows a call carries can change
+    # the others' float rounding (seen: 9e-6 on latents of size ~10), so equal to rounding with them and bit for
+    # bit without them.
+    torch.testing.assert_close(out["IV"].trajectory.latents[-1], out["II"].trajectory.latents[-1],
+                               rtol=1e-5, atol=1e-5)
+    alone = run_method(pipe, tiny_dir, cache_dir, "IV", pipeline_stages=False)
+    assert torch.equal(alone.trajectory.latents[-1], out["II"].trajectory.latents[-1])
 
 
 def test_only_cross_attention_maps_are_materialized(pipe, tiny_dir, cache_dir, monkeypatch):
