@@ -286,3 +286,5 @@ def test_subject_mask_errors_name_the_problem(base, photos, tmp_path):
         personalize(config("lora", base, photos, tmp_path / "o", subject_masks=str(masks)))
     with pytest.raises(ImageInputError, match="does not exist"):
         personalize(config("lora", base, photos, tmp_path / "o", subject_masks=str(tmp_path / "none")))
+    with pytest.raises(ImageInputError, match="folder of their own"):
+        personalize(config("lora", base, photos, tmp_path / "o", subject_masks=str(photos)))

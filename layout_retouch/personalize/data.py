@@ -62,6 +62,9 @@ def load_photos(paths: list[Path], resolution: int) -> torch.Tensor:
 def subject_masks(photos: list[Path], folder: str | Path) -> list[Path]:
     """The mask of each photo in `folder`: the image file with the photo's stem (white = subject)."""
     folder = Path(folder)
+    if folder.is_dir() and any(p.parent.resolve() == folder.resolve() for p in photos):
+        raise ImageInputError(f"the subject masks need a folder of their own: in {str(folder)!r} they would "
+                              "be read as photos too")
     by_stem = {p.stem: p for p in list_images(folder)}
     missing = [p.name for p in photos if p.stem not in by_stem]
     if missing:
