@@ -13,11 +13,13 @@ from layout_retouch.errors import ImageInputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(
+    folder: str | Path, what: str = "photo folder", hint: str = "pass a folder of subject photos"
+) -> list[Path]:
     """The image files of `folder`, sorted by name (so a run sees them in a fixed order)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ImageInputError(f"photo folder {str(folder)!r} does not exist; pass a folder of subject photos")
+        raise ImageInputError(f"{what} {str(folder)!r} does not exist; {hint}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -65,7 +67,7 @@ def subject_masks(photos: list[Path], folder: str | Path) -> list[Path]:
     if folder.is_dir() and any(p.parent.resolve() == folder.resolve() for p in photos):
         raise ImageInputError(f"the subject masks need a folder of their own: in {str(folder)!r} they would "
                               "be read as photos too")
-    by_stem = {p.stem: p for p in list_images(folder)}
+    by_stem = {p.stem: p for p in list_images(folder, "subject mask folder", "pass a folder with a mask per photo")}
     missing = [p.name for p in photos if p.stem not in by_stem]
     if missing:
         raise ImageInputError(
