@@ -10,7 +10,11 @@ scene is the layout's, and its identity. The variants:
 - `ca_q`: the layout's cross-attention *queries* in every cross-attention layer, on the target's own text
   (the paper passes "intermediate variables from cross and self-attention modules"; Photoswap swaps
   cross-attention maps early): the target's words attend where the layout's features call for them;
-- `sa_map_ca_q`: both.
+- `sa_map_ca_q`: both;
+- `ca_map`: the layout's cross-attention *map* (its queries and its keys, each of the target's tokens given the key of
+  the layout's token it matches, the personal token the class word's) on the target's own values, Prompt-to-Prompt's
+  and Photoswap's cross-attention map swap;
+- `ca_qkv`: the layout's whole cross-attention result (its values too: the layout's words, the scene's among them).
 
 The `none` row's identity says whether the target draws the personal subject at all with that prompt wording.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import time
@@ -30,18 +35,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CROSS_QUERIES = r".*attn2\.to_q"
-VARIANTS = {  # name -> (self-attention swap or None, cross-attention query swap?, window: "half" or "all")
-    "none": (None, False, "all"),
-    "sa_map_half": ("map", False, "half"),
-    "sa_map_all": ("map", False, "all"),
-    "sa_qkv_half": ("qkv", False, "half"),
-    "sa_qkv_all": ("qkv", False, "all"),
-    "ca_q_half": (None, True, "half"),
-    "ca_q_all": (None, True, "all"),
-    "sa_map_ca_q_half": ("map", True, "half"),
-    "sa_map_ca_q_all": ("map", True, "all"),
+CROSS = {"q": r".*attn2\.to_q", "map": r".*attn2\.to_[qk]", "qkv": r".*attn2\.to_[qkv]"}  # what each swap lends
+VARIANTS = {  # name -> (self-attention swap or None, cross-attention swap (a CROSS key) or None, window)
+    "none": (None, None, "all"),
+    "sa_map_half": ("map", None, "half"),
+    "sa_map_all": ("map", None, "all"),
+    "sa_qkv_half": ("qkv", None, "half"),
+    "sa_qkv_all": ("qkv", None, "all"),
+    "ca_q_half": (None, "q", "half"),
+    "ca_q_all": (None, "q", "all"),
+    "sa_map_ca_q_half": ("map", "q", "half"),
+    "sa_map_ca_q_all": ("map", "q", "all"),
+    "ca_map_half": (None, "map", "half"),
+    "ca_map_all": (None, "map", "all"),
+    "sa_map_ca_map_half": ("map", "map", "half"),
+    "ca_qkv_half": (None, "qkv", "half"),
 }
+
+
+def token_alignment(tokenizer, layout_prompt: str, target_prompt: str, token: str, class_word: str) -> list[int]:
+    """For each position of the target prompt's padded ids, the layout prompt's position of the same word (words
+    matched in order, the personal token to the class word), or -1 where none matches."""
+    def ids(text):
+        return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    layout, target = ids(layout_prompt), ids(target_prompt)
+    personal = set(tokenizer(token, add_special_tokens=False).input_ids)
+    class_at = layout.index(tokenizer(class_word, add_special_tokens=False).input_ids[0])
+    kept = [i for i, x in enumerate(target) if x not in personal]
+    matched = [-1] * len(target)
+    blocks = difflib.SequenceMatcher(None, [target[i] for i in kept], layout, autojunk=False).get_matching_blocks()
+    for block in blocks:
+        for j in range(block.size):
+            matched[kept[block.a + j]] = block.b + j
+    return [class_at if x in personal else m for x, m in zip(target, matched, strict=True)]
+
+
+def aligned_keys(alignment: list[int]):
+    """`vanilla_outputs_in_personalized`'s `adapt` for the map swap: the layout's queries as they are; its keys
+    re-ordered to the target's tokens in the conditional half (the target's own key where no word matches)."""
+    index = torch.tensor([max(j, 0) for j in alignment])
+    matched = torch.tensor([j >= 0 for j in alignment])
+
+    def adapt(name, lent, own):
+        if not name.endswith("to_k"):
+            return lent
+        half = own.shape[0] // 2
+        keys = lent.clone()  # the unconditional half: the same empty prompt on both paths
+        keys[half:] = torch.where(matched[None, :, None], lent[half:, index], own[half:])
+        return keys
+    return adapt
 
 
 def main() -> None:
@@ -83,6 +125,7 @@ def main() -> None:
         z = probes.noises(world, batch)
         layout = PathInput(LAYOUT, z, False, world.conditioning(prompts.vanilla, False))
         target = PathInput(TARGET, z, True, world.conditioning(neutral_used, True))
+        alignment = token_alignment(world.pair.tokenizer, prompts.vanilla, neutral_used, TOKEN, CLASS_WORD)
         for name in names:
             self_swap, cross_swap, window = VARIANTS[name]
             until = args.steps // 2 if window == "half" else args.steps
@@ -90,8 +133,9 @@ def main() -> None:
             controller = AttentionController(plan, latent_size=world.latent_shape[1:])
             swap = contextlib.nullcontext()
             if cross_swap:
-                swap = probes.vanilla_outputs_in_personalized(vanilla, personalized, CROSS_QUERIES, None,
-                                                              lambda c=controller, u=until: c.step < u)
+                swap = probes.vanilla_outputs_in_personalized(
+                    vanilla, personalized, CROSS[cross_swap], None, lambda c=controller, u=until: c.step < u,
+                    aligned_keys(alignment) if cross_swap == "map" else None)
             with swap:
                 src, tgt = world.lockstep(layout, target, plan, timesteps, args.guidance, controller)
             readings = world.read(torch.cat([src, tgt]))

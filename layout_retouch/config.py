@@ -79,6 +79,12 @@ class LayoutRetouchConfig:
     # The target's prompt (spec: the neutral P_n). "layout" makes the target take the layout's
     # prompt and model at each step: with no control it then reproduces the layout (a test).
     target_prompt: Literal["neutral", "personalized", "layout"] = "neutral"
+    # [choice, not the paper's] Where the target path begins (IV, V). "noise" (spec): the layout's initial noise
+    # z_T, its own steps from the first, the early swap giving it the layout's structure. "layout": the layout's
+    # latent after Stage 1's vanilla steps, z_{T_l}, its own steps from T_l on: its structure is the layout's
+    # from the start, and an early swap before T_l has nothing left to do. For a personalized model whose own
+    # placement the layout's attention cannot move (the toy world's DreamBooths, issue 14's P1b).
+    target_start: Literal["noise", "layout"] = "noise"
 
     # --- adaptive mask blending
     # S_mask: first step of mask blending [choice: S_mask = S_ref].
@@ -168,6 +174,8 @@ class LayoutRetouchConfig:
             )
         if not 0.0 <= self.tau < 1.0:
             raise LayoutRetouchError(f"tau must lie in [0, 1), got {self.tau}")
+        if self.target_start not in ("noise", "layout"):
+            raise LayoutRetouchError(f"target_start must be 'noise' or 'layout', got {self.target_start!r}")
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise LayoutRetouchError(f"unknown baselines in `baselines`: {', '.join(unknown)}; "
@@ -183,6 +191,11 @@ class LayoutRetouchConfig:
             return 0
         v = self.vanilla_steps
         return round(v * self.num_inference_steps) if isinstance(v, float) else v
+
+    @property
+    def target_start_step(self) -> int:
+        """The first step the target takes itself: T_l where it starts from the layout, else 0."""
+        return self.num_vanilla_steps if self.target_start == "layout" and self.uses_layout_path else 0
 
     @property
     def mask_start(self) -> int:

@@ -98,9 +98,11 @@ class Retouch:
         self.reference_from, self.inversion = reference_from, inversion
         self.uses_layout = layout is not None if uses_layout is None else uses_layout
         self.unguided = None if inversion is None else Conditioning(inversion.embedding, None, [], inversion.added)
-        self.step = 0  # the next step to take
+        # the target's first step: 0, or T_l where it starts from the layout's latent (config.target_start)
+        self.start = config.target_start_step if self.uses_layout else 0
+        self.step = self.start  # the next step to take
         self.rode = 0  # how many steps rode in Stage 1's calls
-        self.report = StepReport("stage 2 retouch", len(timesteps), progress)
+        self.report = StepReport("stage 2 retouch", len(timesteps) - self.start, progress)
         plan = controller.plan
         # the first step that reads the adaptive mask (set after Stage 1: it needs the final layout image)
         blends = plan.mask_start is not None and plan.blend_layers
@@ -142,6 +144,8 @@ class Retouch:
             ready = getattr(reference.latents, "ready", None)
             if ready is not None and not ready(k):  # an inversion under way that has not got there yet
                 return None
+        if k == self.start > 0:  # the target begins from the layout's latent (Stage 1 has made it by now)
+            self.latents = layout_latents[k].clone()
         paths = self.paths(k, layout_latents, self.timesteps[k])
         if not self.pair.one_unet and any(bool(p.personalized) is not bool(personalized) for p in paths):
             return None
@@ -173,6 +177,8 @@ class Retouch:
 
     def run(self) -> torch.Tensor:
         """The steps left, each in calls of its own; the target's clean latent."""
+        if self.step == self.start > 0:  # the target begins from the layout's latent (its clean one at T_l = T)
+            self.latents = self.layout.latents[self.start].clone()
         while not self.done:
             self.step_alone()
         self.controller.finish_step()

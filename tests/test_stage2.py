@@ -19,6 +19,7 @@ from layout_retouch.attention_control import (
     build_plan,
 )
 from layout_retouch.config import LayoutRetouchConfig
+from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.inversion import (
     DDIMInversion,
     InversionCache,
@@ -368,6 +369,25 @@ def test_ablation_rows_run_and_differ_where_they_should(pipe, tiny_dir, cache_di
                                rtol=1e-5, atol=1e-5)
     alone = run_method(pipe, tiny_dir, cache_dir, "IV", pipeline_stages=False)
     assert torch.equal(alone.trajectory.latents[-1], out["II"].trajectory.latents[-1])
+
+
+def test_a_target_started_from_the_layout_takes_its_own_steps_from_t_l_on(pipe, tiny_dir, cache_dir):
+    """`target_start="layout"`: the target begins at the layout's latent after the vanilla steps. With the layout's
+    own prompt and no swap left (S_ref at the end) it then is the layout; at T_l = T it is the layout's image without a
+    step of its own; in calls of its own or riding in Stage 1's, the same to float rounding; and it is not the target
+    that starts from noise."""
+    layout_like = run_method(pipe, tiny_dir, cache_dir, "IV", vanilla_steps=3, target_start="layout",
+                             target_prompt="layout", ref_start_step=STEPS)
+    torch.testing.assert_close(layout_like.images, layout_like.trajectory.latents[-1], rtol=1e-5, atol=1e-5)
+    whole = run_method(pipe, tiny_dir, cache_dir, "V", vanilla_steps=STEPS, target_start="layout")
+    assert torch.equal(whole.images, whole.trajectory.latents[-1])
+    started = run_method(pipe, tiny_dir, cache_dir, "V", vanilla_steps=3, target_start="layout")
+    alone = run_method(pipe, tiny_dir, cache_dir, "V", vanilla_steps=3, target_start="layout", pipeline_stages=False)
+    torch.testing.assert_close(started.images, alone.images, rtol=1e-5, atol=1e-5)
+    from_noise = run_method(pipe, tiny_dir, cache_dir, "V", vanilla_steps=3)
+    assert not torch.allclose(started.images, from_noise.images, atol=1e-3)
+    with pytest.raises(LayoutRetouchError, match="target_start"):
+        LayoutRetouchConfig(target_start="reference")
 
 
 def test_only_cross_attention_maps_are_materialized(pipe, tiny_dir, cache_dir, monkeypatch):

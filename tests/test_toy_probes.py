@@ -191,6 +191,49 @@ def test_vanilla_outputs_replace_the_personalized_ones_at_the_side_asked(world, 
             assert torch.equal(out, outputs["vanilla"][name]) == (active and swapped), name
 
 
+def test_a_lent_output_can_be_adapted_to_the_receiver(world):
+    """The swap's `adapt` hook: what the personalized module returns is `adapt(name, vanilla's, its own)`."""
+    vanilla, personalized = world.pair.select(False)[0], world.pair.select(True)[0]
+    z = world.noise(0)
+    text = world.conditioning("a photo of a star", False).cond
+    own = personalized(z, 500, encoder_hidden_states=text).sample
+    seen = []
+
+    def adapt(name, lent, mine):
+        seen.append(name)
+        return mine
+    with vanilla_outputs_in_personalized(vanilla, personalized, r".*attn2\.to_k", None, lambda: True, adapt):
+        vanilla(z, 500, encoder_hidden_states=text)
+        kept_own = personalized(z, 500, encoder_hidden_states=text).sample
+    assert seen and all(name.endswith("attn2.to_k") for name in seen)
+    assert torch.equal(kept_own, own)
+
+
+def test_cross_attention_map_swap_aligns_the_targets_words_with_the_layouts(world):
+    """toyworld_swap_windows' map swap: each target token takes the key of the layout's same word, the personal
+    token the class word's, and the layout's keys are re-ordered to the target's tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld_swap_windows.py"
+    spec = importlib.util.spec_from_file_location("swap_windows", path)
+    windows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(windows)
+    tokenizer = world.pair.tokenizer
+    layout, target = "a photo of a star in the snow", "a photo of a sks star"
+    alignment = windows.token_alignment(tokenizer, layout, target, "sks", "star")
+    ids_layout = tokenizer(layout).input_ids  # BOS a photo of a star in the snow EOS
+    assert alignment[:7] == [0, 1, 2, 3, 4, 5, 5]  # ... a -> a, sks -> star, star -> star
+    assert alignment[7] == len(ids_layout) - 1  # the end token to the end token
+    lent = torch.arange(2 * len(alignment), dtype=torch.float32).view(2, len(alignment), 1)  # (halves, tokens, 1)
+    own = -torch.ones_like(lent)
+    keys = windows.aligned_keys(alignment)("down.attn2.to_k", lent, own)
+    assert torch.equal(keys[0], lent[0])  # the unconditional half: the layout's as it is
+    for i, j in enumerate(alignment):
+        assert keys[1, i, 0] == (lent[1, j, 0] if j >= 0 else -1)
+    assert windows.aligned_keys(alignment)("down.attn2.to_q", lent, own) is lent
+
+
 def test_a_lora_can_be_the_probed_personalization():
     """P1b runs the method on whichever personalization is named; P6b, which swaps modules between two UNets,
     says why it cannot run on an adapter that shares the vanilla UNet."""

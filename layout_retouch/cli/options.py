@@ -138,6 +138,9 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-start-step", type=int, help="S_ref (4)")
     g.add_argument("--mask-start-step", type=int, help="S_mask (= S_ref)")
     g.add_argument("--tau", type=float, help="cross-attention mask threshold (0.1)")
+    g.add_argument("--target-start", choices=("noise", "layout"),
+                   help="where Stage 2's target begins: the layout's noise (the paper's, default) or its latent "
+                   "after the vanilla steps (for a personalization that the layout's attention cannot steer)")
     g.add_argument("--segmenter", help="sam, none, toy or module:attr (sam)")
     g.add_argument("--sam-model", help="SAM hub id or local folder (facebook/sam-vit-base)")
     g.add_argument("--mask-attention-resolution", type=float, help="cross-attention maps' size / latent (0.25)")
@@ -147,8 +150,8 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 METHOD_FIELDS = ("method", "num_inference_steps", "guidance_scale", "vanilla_steps", "ref_start_step",
-                 "mask_start_step", "tau", "segmenter", "sam_model", "mask_attention_resolution", "height",
-                 "width", "inversion_cache_dir")
+                 "mask_start_step", "tau", "target_start", "segmenter", "sam_model", "mask_attention_resolution",
+                 "height", "width", "inversion_cache_dir")
 
 
 def _count_or_fraction(text: str) -> int | float:

@@ -425,10 +425,13 @@ def probe_p6(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
 
 @contextmanager
 def vanilla_outputs_in_personalized(vanilla, personalized, pattern: str, side: int | None,
-                                    active: Callable[[], bool]) -> Iterator[None]:
+                                    active: Callable[[], bool],
+                                    adapt: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                                    ) -> Iterator[None]:
     """While `active()`, every module of the `personalized` UNet named like `pattern` at side x side (any side:
-    None) returns what the module of the same name in the `vanilla` UNet returned last. In `World.lockstep` with a
-    vanilla source and a personalized target the source's model runs first, one path per call, so the shapes match."""
+    None) returns what the module of the same name in the `vanilla` UNet returned last (or `adapt(name, vanilla's,
+    its own)`). In `World.lockstep` with a vanilla source and a personalized target the source's model runs first,
+    one path per call, so the shapes match."""
     kept: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -439,7 +442,10 @@ def vanilla_outputs_in_personalized(vanilla, personalized, pattern: str, side: i
 
     def give(name):
         def hook(module, args, output):
-            return kept.pop(name) if active() and name in kept else output
+            if not (active() and name in kept):
+                return output
+            lent = kept.pop(name)
+            return lent if adapt is None else adapt(name, lent, output)
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in vanilla.named_modules() if re.fullmatch(pattern, n)]
