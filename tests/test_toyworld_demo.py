@@ -37,12 +37,20 @@ def test_demo_writes_grid_summary_and_refuses_to_overwrite(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["measures"]) == {"I", "II", "V"}
     assert summary["config"]["method"] == "V" and summary["seeds_per_prompt"] == 1
+    # the world's settings by default (toyworld/world.py), the paper's on request
+    assert summary["settings"] == "world" and summary["config"]["target_start"] == "layout"
+    assert summary["config"]["vanilla_steps"] == 0.4
     for method in ("I", "II", "V"):
         assert len(list((out / method).glob("*.png"))) == len(summary["prompts"])
         assert 0 <= summary["measures"][method]["identity"] <= 1
     assert (out / "grid.png").stat().st_size > 0
     assert main(["demo", "--out", str(out), "--steps", "4", "--seeds", "1", "--threads", "0", "--quiet"]) != 0
     assert "--overwrite" in capsys.readouterr().err
+    paper = tmp_path / "paper"
+    assert main(["demo", "--out", str(paper), "--steps", "4", "--seeds", "1", "--threads", "0", "--quiet",
+                 "--settings", "paper"]) == 0
+    summary = json.loads((paper / "summary.json").read_text())
+    assert summary["config"]["target_start"] == "noise" and summary["config"]["vanilla_steps"] == 0.1
 
 
 def test_default_threads_are_the_idle_cores(monkeypatch, tmp_path):

@@ -130,6 +130,10 @@ def test_reference_photos_and_masks_as_shipped(tmp_path):
     assert np.array_equal(mask, reference_sample(0).mask)
     wider = np.asarray(Image.open(grown / path.name)) > 0
     assert (wider >= mask).all() and wider.sum() > mask.sum()
+    (medium,) = write_references(tmp_path / "medium", seeds=(0,), radius=(10.0, 13.0))  # smaller, same place
+    small = reference_sample(0, (10.0, 13.0))
+    assert np.array_equal(np.asarray(Image.open(medium)), np.asarray(small.pil()))
+    assert 20 <= small.size <= 26 and small.center == reference_sample(0).center
 
 
 def test_held_out_split():

@@ -24,7 +24,14 @@ from layout_retouch.cli.options import (
 from layout_retouch.config import LayoutRetouchConfig
 from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png
-from layout_retouch.toyworld.world import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, find_toy_models  # noqa: F401
+from layout_retouch.toyworld.world import (  # noqa: F401
+    CLASS_WORD,
+    TOKEN,
+    TOY_METHOD,
+    TOY_MODELS,
+    TOY_SETTINGS,
+    find_toy_models,
+)
 
 PROMPTS = (  # context the DreamBooth model tends to lose (toyworld/README.md): scenes, accessories, occluders
     "a photo of a sks star at night",
@@ -43,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="toy personalized model under toyworld/models (or any path)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the grid shows the first)")
     p.add_argument("--steps", type=int, default=LayoutRetouchConfig().num_inference_steps)
+    p.add_argument("--settings", choices=("world", "paper"), default="world",
+                   help="world: the settings this toy world's measurements pick (T_l 20 of 50, the target started "
+                   "from the layout; toyworld/world.py); paper: the paper's defaults, with which Stage 2 cannot "
+                   "steer the toy DreamBooth (docs/RESULTS.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo in --out")
     add_threads_option(p)
     p.add_argument("--quiet", action="store_true")
@@ -67,8 +78,9 @@ def run(args) -> int:
     start = time.perf_counter()
     pipe = LayoutRetouchPipeline.from_pretrained(str(base), personalized=str(tuned), token=TOKEN,
                                                  class_word=CLASS_WORD, progress=False)
+    settings = TOY_SETTINGS if args.settings == "world" else {}
     config = LayoutRetouchConfig(num_inference_steps=args.steps, inversion_cache_dir=str(out / "cache"),
-                                 **TOY_METHOD)
+                                 **TOY_METHOD, **settings)
     results: dict[str, list] = {"I": [], "II": [], "V": []}
     rows = []
     for prompt in tqdm(PROMPTS, desc="demo", disable=args.quiet):
@@ -91,14 +103,16 @@ def run(args) -> int:
             (out / method).mkdir(exist_ok=True)
             save_png(image, out / method / f"{i:03d}.png", {"prompt": prompt, "method": method})
     summary = {
-        "models": pipe.models.sources, "reference": str(reference), "config": config.to_dict(),
+        "models": pipe.models.sources, "reference": str(reference), "settings": args.settings,
+        "config": config.to_dict(),
         "prompts": PROMPTS, "seeds_per_prompt": args.seeds, "seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "measures": measure(results),
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     print(f"wrote {out / 'grid.png'} and {out / 'summary.json'} in {seconds:.0f} s "
-          f"({torch.get_num_threads()} torch threads)")
+          f"({torch.get_num_threads()} torch threads; {args.settings} settings: T_l {config.num_vanilla_steps} of "
+          f"{config.num_inference_steps}, target from the {'layout' if config.target_start == 'layout' else 'noise'})")
     for method, m in summary["measures"].items():
         context = m["prompt_fidelity"].get("context", {}).get("rate", float("nan"))
         print(f"  {method:>3}: identity {m['identity']:.2f}  context followed {context:.0%}  "

@@ -79,13 +79,13 @@ def near_miss_sample(seed: int) -> RenderResult:
     return render(spec, seed)
 
 
-def reference_sample(seed: int) -> RenderResult:
-    """A DreamBooth-style photo of `sks star`: large, near the center, plain studio background."""
+def reference_sample(seed: int, radius: tuple[float, float] = REFERENCE_RADIUS) -> RenderResult:
+    """A DreamBooth-style photo of `sks star`: large (`radius` range), near the center, plain studio background."""
     rng = np.random.default_rng([seed, 15])
     spec = SceneSpec(
         obj=PERSONAL_CLASS, pattern="personal", scene="studio", size="large",
         cx=32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER)),
         cy=32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER)),
-        radius=float(rng.uniform(*REFERENCE_RADIUS)),
+        radius=float(rng.uniform(*radius)),
     )
     return render(spec, seed, subject_words=f"{PERSONAL_TOKEN} {PERSONAL_CLASS}")
