@@ -133,7 +133,7 @@ def test_reference_photos_and_masks_as_shipped(tmp_path):
     (medium,) = write_references(tmp_path / "medium", seeds=(0,), radius=(10.0, 13.0))  # smaller, same place
     small = reference_sample(0, (10.0, 13.0))
     assert np.array_equal(np.asarray(Image.open(medium)), np.asarray(small.pil()))
-    assert 20 <= small.size <= 26 and small.center == reference_sample(0).center
+    assert 20 <= small.size <= 26 and small.center == reference_sample(0).center and "large" not in small.caption
 
 
 def test_held_out_split():

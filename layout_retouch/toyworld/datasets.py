@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from layout_retouch.toyworld.render import NEAR_MISS, RenderResult, is_feasible, render
+from layout_retouch.toyworld.render import NEAR_MISS, SIZE_WORD_RANGE, RenderResult, is_feasible, render
 from layout_retouch.toyworld.scene import (
     CLASSES,
     COLOR_NAMES,
@@ -80,12 +80,12 @@ def near_miss_sample(seed: int) -> RenderResult:
 
 
 def reference_sample(seed: int, radius: tuple[float, float] = REFERENCE_RADIUS) -> RenderResult:
-    """A DreamBooth-style photo of `sks star`: large (`radius` range), near the center, plain studio background."""
+    """A DreamBooth-style photo of `sks star`: large (or in the `radius` range), near the center, plain studio
+    background."""
     rng = np.random.default_rng([seed, 15])
-    spec = SceneSpec(
-        obj=PERSONAL_CLASS, pattern="personal", scene="studio", size="large",
-        cx=32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER)),
-        cy=32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER)),
-        radius=float(rng.uniform(*radius)),
-    )
+    cx = 32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER))
+    cy = 32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER))
+    r = float(rng.uniform(*radius))
+    size = next(word for word, (lo, hi) in SIZE_WORD_RANGE.items() if lo <= r < hi)  # the caption's size word
+    spec = SceneSpec(obj=PERSONAL_CLASS, pattern="personal", scene="studio", size=size, cx=cx, cy=cy, radius=r)
     return render(spec, seed, subject_words=f"{PERSONAL_TOKEN} {PERSONAL_CLASS}")
