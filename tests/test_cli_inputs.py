@@ -122,7 +122,7 @@ def bad_files(tmp_path):
              "tau_high": tmp_path / "tau_high.json", "not_json": tmp_path / "not_json.json",
              "unknown_key": tmp_path / "unknown_key.json", "steps_float": tmp_path / "steps_float.json",
              "binary_prompts": tmp_path / "prompts.bin", "sam_uncached": tmp_path / "sam_uncached.json",
-             "sam_folder": tmp_path / "sam_folder.json"}
+             "sam_folder": tmp_path / "sam_folder.json", "target_start": tmp_path / "target_start.json"}
     for name, meta in (("concept_missing_weights", '{"token": "sks", "class_word": "dog", "weights": "gone"}'),
                        ("concept_list", '["sks", "dog"]'), ("concept_number_token", '{"token": 7, "class_word": "d"}')):
         folder = tmp_path / name / "lost"
@@ -139,6 +139,7 @@ def bad_files(tmp_path):
     files["not_json"].write_text("{tau: 1")
     files["unknown_key"].write_text('{"tua": 0.2}')
     files["steps_float"].write_text('{"num_inference_steps": 2.5}')
+    files["target_start"].write_text('{"target_start": "reference"}')
     files["binary_prompts"].write_bytes(b"\xff\xfe\x00 a sks dog")
     return files
 
@@ -160,6 +161,7 @@ GENERATE_CASES = [
     (["--config", "{list}"], "holds a JSON list; it needs an object"),
     (["--config", "{tau_high}"], "'tau' must be a number, got \"high\""),
     (["--config", "{steps_float}"], "'num_inference_steps' must be an integer, got 2.5"),
+    (["--config", "{target_start}"], "'target_start' must be one of \"noise\", \"layout\", got \"reference\""),
     (["--config", "{not_json}"], "is not valid JSON"),
     (["--config", "{unknown_key}"], "unknown config keys: tua"),
     (["--config", "{missing}"], "does not exist"),
