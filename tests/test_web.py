@@ -94,6 +94,7 @@ def test_toy_world_is_the_default(engine):
     assert models.token == "sks" and models.pipe.models.class_word == "star"
     assert sorted(p.name for p in models.references) == [f"sks_star_0{i}.png" for i in range(5)]
     assert models.defaults.segmenter == "toy"  # the demo's settings for the toy UNet
+    assert models.defaults.target_start == "layout" and models.defaults.vanilla_steps == 0.4  # and for the world
     assert "sks" in models.example_prompt
 
 
@@ -162,7 +163,7 @@ def test_method_v_shows_layout_and_final_as_the_pipeline_makes_them(engine):
     assert p["reference"] == str(REFERENCE)  # an upload of an offered photo is named by that photo
     assert p["models"] == engine.models.pipe.models.sources
     assert p["prompts"]["vanilla"] == "a photo of a star on the beach"
-    assert p["output_key"]["config"]["vanilla_steps"] == round(0.1 * 6)  # T_l resolved, as generate keys it
+    assert p["output_key"]["config"]["vanilla_steps"] == round(0.4 * 6)  # the world's T_l resolved, as generate keys it
     assert parameters(outcome.tiles[0].path)["image"] == "layout"
 
 
@@ -174,7 +175,8 @@ def test_png_parameters_match_generate(engine, tmp_path):
     code = main(["generate", "--base", engine.models.model_args.base, "--personalized",
                  engine.models.model_args.personalized, "--token", "sks", "--class-word", "star", "--reference",
                  str(REFERENCE), "--prompt", PROMPT, "--seeds", "7", "--steps", "6", "--segmenter", "toy",
-                 "--mask-attention-resolution", "0.5", "--out", str(out), "--quiet", "--threads", "1",
+                 "--mask-attention-resolution", "0.5", "--vanilla-steps", "0.4", "--target-start", "layout",
+                 "--out", str(out), "--quiet", "--threads", "1",
                  "--inversion-cache-dir", engine.models.defaults.inversion_cache_dir])
     assert code == 0
     written = parameters(next(out.rglob("*.png")))

@@ -46,13 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def toy_world_defaults(args) -> list[Path]:
     """Fill the model options with the toy world's (as `demo` loads it); its reference photos."""
-    from layout_retouch.cli.demo import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, find_toy_models
+    from layout_retouch.cli.demo import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, TOY_SETTINGS, find_toy_models
 
     base, tuned, _ = find_toy_models(args.personalized or "sks_star_dreambooth")
     args.base, args.personalized = str(base), str(tuned)
     args.token = args.token or TOKEN
     args.class_word = args.class_word or CLASS_WORD
-    for name, value in TOY_METHOD.items():  # the toy UNet's settings, unless given
+    # the toy UNet's settings and those this world's measurements pick (as `demo` runs them), unless given
+    for name, value in {**TOY_METHOD, **TOY_SETTINGS}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     return sorted((TOY_MODELS / "references").glob("*.png"))
