@@ -68,17 +68,22 @@ class ControlPlan:
     skip_replaced: bool = True
     # Compute a call's subject maps for all its map layers at once (a few operators per call, not per layer).
     batch_maps: bool = True
+    # The target's first step (T_l where it starts from the layout, config.target_start): the layout lends
+    # nothing for the steps before it, so its recorder keeps nothing of them.
+    target_from: int = 0
 
     # When each rule is on, as functions of the step (the controller asks for its current step;
     # the feature recorders ask ahead for the steps Stage 2 will run).
     def early_at(self, step: int) -> bool:
-        return self.early_swap is not None and (self.ref_start is None or step < self.ref_start)
+        return (self.early_swap is not None and step >= self.target_from
+                and (self.ref_start is None or step < self.ref_start))
 
     def reference_at(self, step: int, layer: str) -> bool:
         return self.ref_start is not None and step >= self.ref_start and layer in self.ref_layers
 
     def blend_at(self, step: int, layer: str) -> bool:
-        return self.mask_start is not None and step >= self.mask_start and layer in self.blend_layers
+        return (self.mask_start is not None and step >= max(self.mask_start, self.target_from)
+                and layer in self.blend_layers)
 
 
 class AttentionController:
@@ -552,4 +557,5 @@ def build_plan(config: LayoutRetouchConfig, unet, *, swap_layout: bool, swap_ref
         ref_mask_threshold=config.ref_mask_threshold,
         skip_replaced=config.skip_replaced_attention,
         batch_maps=config.batch_subject_maps,
+        target_from=config.target_start_step,
     )

@@ -144,8 +144,7 @@ class Retouch:
             ready = getattr(reference.latents, "ready", None)
             if ready is not None and not ready(k):  # an inversion under way that has not got there yet
                 return None
-        if k == self.start > 0:  # the target begins from the layout's latent (Stage 1 has made it by now)
-            self.latents = layout_latents[k].clone()
+        self._begin_from(layout_latents)  # Stage 1 has made the layout's latent of step k by now
         paths = self.paths(k, layout_latents, self.timesteps[k])
         if not self.pair.one_unet and any(bool(p.personalized) is not bool(personalized) for p in paths):
             return None
@@ -153,6 +152,12 @@ class Retouch:
         self.controller.begin_step(k)
         self.rode += 1
         return paths, self.controller
+
+    def _begin_from(self, layout_latents) -> None:
+        """Before the target's first step, where it starts from the layout (config.target_start): the layout's latent
+        of that step (its clean one at T_l = T)."""
+        if self.step == self.start > 0:
+            self.latents = layout_latents[self.start].clone()
 
     def take(self, eps: dict[str, torch.Tensor]) -> None:
         """Finish the step with the target's noise (from a call of its own or one it rode in)."""
@@ -177,8 +182,7 @@ class Retouch:
 
     def run(self) -> torch.Tensor:
         """The steps left, each in calls of its own; the target's clean latent."""
-        if self.step == self.start > 0:  # the target begins from the layout's latent (its clean one at T_l = T)
-            self.latents = self.layout.latents[self.start].clone()
+        self._begin_from(self.layout.latents if self.layout is not None else None)
         while not self.done:
             self.step_alone()
         self.controller.finish_step()

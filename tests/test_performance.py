@@ -97,6 +97,8 @@ SETTINGS = {
     "V_reference_from_step_0_all_keys": dict(method="V", ref_start_step=0, ref_subject_only=False),
     "IV": dict(method="IV", vanilla_steps=1),
     "III": dict(method="III", vanilla_steps=1),
+    # the target starts at step 3: the layout's recorder keeps nothing of the steps before it
+    "V_target_from_the_layout": dict(method="V", vanilla_steps=3, target_start="layout", mask_start_step=1),
 }
 
 

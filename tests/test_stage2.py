@@ -388,6 +388,12 @@ def test_a_target_started_from_the_layout_takes_its_own_steps_from_t_l_on(pipe, 
     assert not torch.allclose(started.images, from_noise.images, atol=1e-3)
     with pytest.raises(LayoutRetouchError, match="target_start"):
         LayoutRetouchConfig(target_start="reference")
+    # the layout lends nothing for the steps before the target's first: its recorder keeps nothing of them
+    config = LayoutRetouchConfig(method="V", vanilla_steps=3, target_start="layout", mask_start_step=1, **TINY)
+    plan = build_plan(config, pipe.models.pipe.unet, swap_layout=True, swap_reference=True, blend=True)
+    layer = next(iter(plan.blend_layers))
+    assert [plan.blend_at(k, layer) for k in range(STEPS)] == [False] * 3 + [True] * (STEPS - 3)
+    assert not any(plan.early_at(k) for k in range(STEPS))  # S_ref 2 comes before the target's first step
 
 
 def test_only_cross_attention_maps_are_materialized(pipe, tiny_dir, cache_dir, monkeypatch):

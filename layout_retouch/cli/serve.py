@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def toy_world_defaults(args) -> list[Path]:
     """Fill the model options with the toy world's (as `demo` loads it); its reference photos."""
-    from layout_retouch.cli.demo import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, TOY_SETTINGS, find_toy_models
+    from layout_retouch.toyworld.world import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, TOY_SETTINGS, find_toy_models
 
     base, tuned, _ = find_toy_models(args.personalized or "sks_star_dreambooth")
     args.base, args.personalized = str(base), str(tuned)

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from layout_retouch.toyworld.render import NEAR_MISS, SIZE_WORD_RANGE, RenderResult, is_feasible, render
+from layout_retouch.toyworld.render import NEAR_MISS, RenderResult, is_feasible, radius_size_word, render
 from layout_retouch.toyworld.scene import (
     CLASSES,
     COLOR_NAMES,
@@ -86,6 +86,6 @@ def reference_sample(seed: int, radius: tuple[float, float] = REFERENCE_RADIUS) 
     cx = 32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER))
     cy = 32 + float(rng.uniform(-REFERENCE_JITTER, REFERENCE_JITTER))
     r = float(rng.uniform(*radius))
-    size = next(word for word, (lo, hi) in SIZE_WORD_RANGE.items() if lo <= r < hi)  # the caption's size word
-    spec = SceneSpec(obj=PERSONAL_CLASS, pattern="personal", scene="studio", size=size, cx=cx, cy=cy, radius=r)
+    spec = SceneSpec(obj=PERSONAL_CLASS, pattern="personal", scene="studio", size=radius_size_word(r), cx=cx, cy=cy,
+                     radius=r)  # the size word is the caption's
     return render(spec, seed, subject_words=f"{PERSONAL_TOKEN} {PERSONAL_CLASS}")

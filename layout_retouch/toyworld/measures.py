@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from layout_retouch.toyworld.oracles import Oracles, Reading
-from layout_retouch.toyworld.render import BORDER, SIZE, SIZE_WORD_RANGE
+from layout_retouch.toyworld.render import BORDER, SIZE, radius_size_word
 from layout_retouch.toyworld.scene import PERSONAL_CLASS, ParsedCaption, parse_caption
 
 DIVERSITY_GRID = 4  # subject centers are binned on a DIVERSITY_GRID x DIVERSITY_GRID grid for entropy
@@ -19,8 +19,7 @@ DIVERSITY_GRID = 4  # subject centers are binned on a DIVERSITY_GRID x DIVERSITY
 
 def size_word(diameter: float) -> str:
     """The size word ("small", "medium", "large") whose radius band holds `diameter / 2`."""
-    radius = diameter / 2
-    return next(word for word, (lo, hi) in SIZE_WORD_RANGE.items() if lo <= radius < hi)
+    return radius_size_word(diameter / 2)
 
 
 def position_followed(position: str, center: tuple[float, float]) -> bool:

@@ -53,6 +53,11 @@ NEAR_MISS = (
 FENCE_COLOR = np.array([150, 105, 60], dtype=np.float32)
 
 
+def radius_size_word(radius: float) -> str:
+    """The size word ("small", "medium", "large") whose radius band holds `radius`."""
+    return next(word for word, (lo, hi) in SIZE_WORD_RANGE.items() if lo <= radius < hi)
+
+
 @dataclass
 class RenderResult:
     """One rendered scene and its exact labels."""
