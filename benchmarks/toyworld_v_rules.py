@@ -8,6 +8,7 @@ outputs in every blend layer; M = 1: no blend), which no config value does.
 
     python benchmarks/toyworld_v_rules.py --models layout_retouch/toyworld/models --seeds 8 --steps 50
     python benchmarks/toyworld_v_rules.py V "V:early_swap=qkv,ref_start_step=20"   # a variant of your own
+    python benchmarks/toyworld_v_rules.py --settings world   # every variant on the world's settings (as make demo)
 """
 
 from __future__ import annotations
@@ -79,7 +80,14 @@ def main() -> None:
     from layout_retouch.toyworld.oracles import Oracles
     from layout_retouch.toyworld.probes import CONTEXT_SCENES
     from layout_retouch.toyworld.scene import SCENES
-    from layout_retouch.toyworld.world import CLASS_WORD, TOKEN, TOY_METHOD, TOY_MODELS, find_toy_models
+    from layout_retouch.toyworld.world import (
+        CLASS_WORD,
+        TOKEN,
+        TOY_METHOD,
+        TOY_MODELS,
+        TOY_SETTINGS,
+        find_toy_models,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("variants", nargs="*", help=f"names ({', '.join(VARIANTS)}) or METHOD:key=value,...")
@@ -87,6 +95,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt (4 scene prompts)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", choices=("paper", "world"), default="paper",
+                        help="the paper's defaults, or the world's (toyworld/world.py TOY_SETTINGS, as make demo)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -95,7 +105,8 @@ def main() -> None:
                                                  class_word=CLASS_WORD, progress=False)
     oracles = Oracles.load()
     prompts = {scene: f"a photo of a {TOKEN} {CLASS_WORD} {SCENES[scene]}" for scene in CONTEXT_SCENES}
-    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **TOY_METHOD)
+    settings = TOY_SETTINGS if args.settings == "world" else {}
+    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **TOY_METHOD, **settings)
     for name in args.variants or VARIANTS:
         changes, constant = VARIANTS[name] if name in VARIANTS else parse_variant(name)
         config = LayoutRetouchConfig(**{**base, **changes})

@@ -108,6 +108,9 @@ def test_request_fields_reach_the_config(engine):
     assert make_request(engine.models, **fields(vanilla_steps=0.5)).config.num_vanilla_steps == 3
     assert make_request(engine.models, **fields(ref_start_step=2, mask_start_step=None)).config.mask_start == 2
     assert make_request(engine.models, **fields(compare=True, method="I")).config.method == "V"
+    assert make_request(engine.models, **fields()).config.target_start == "layout"  # the world's, unless asked
+    paper = make_request(engine.models, **fields(target_start="noise", vanilla_steps=3)).config
+    assert (paper.target_start, paper.target_start_step) == ("noise", 0)
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -122,6 +125,7 @@ def test_request_fields_reach_the_config(engine):
     (dict(num_images=MAX_IMAGES + 1), f"at most {MAX_IMAGES}"),
     (dict(method="VI"), "unknown method"),
     (dict(mask_start_step="soon"), "S_mask"),
+    (dict(target_start="middle"), "target_start"),
 ])
 def test_bad_requests_are_one_clear_message(engine, changes, words):
     with pytest.raises(LayoutRetouchError, match=words):

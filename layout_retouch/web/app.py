@@ -21,7 +21,7 @@ CSS = "#gallery img, #reference img { image-rendering: pixelated; } #status.erro
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 FIELDS = ("reference", "prompts", "seeds", "num_images", "method", "vanilla_steps", "ref_start_step",
-          "mask_start_step", "tau", "steps", "guidance", "compare", "show_masks")
+          "mask_start_step", "tau", "steps", "guidance", "target_start", "compare", "show_masks")
 
 
 def reference_path(payload) -> str | None:
@@ -112,6 +112,10 @@ def build_app(engine: WebEngine) -> gr.Blocks:
                                                  else str(defaults.mask_start_step), placeholder="= S_ref",
                                                  label="S_mask (empty: = S_ref)")
                     tau = gr.Slider(0, 0.99, value=defaults.tau, step=0.01, label="tau (mask threshold)")
+                    target_start = gr.Radio([("noise z_T (the paper's)", "noise"),
+                                             ("the layout's latent at T_l (not the paper's)", "layout")],
+                                            value=defaults.target_start, label="Stage 2's target starts from",
+                                            elem_id="target_start")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -122,7 +126,7 @@ def build_app(engine: WebEngine) -> gr.Blocks:
                 files = gr.File(label="PNG downloads (each with its parameters in the PNG text chunk)",
                                 file_count="multiple", elem_id="downloads", interactive=False)
         inputs = [reference, prompts, seeds, num_images, method, vanilla_steps, ref_start_step, mask_start_step, tau,
-                  steps, guidance, compare, show_masks]
+                  steps, guidance, target_start, compare, show_masks]
         # Compare rows runs its own methods (I and V): the method choice is greyed out meanwhile.
         compare.change(lambda on: gr.Radio(interactive=not on), inputs=[compare], outputs=[method], queue=False,
                        api_visibility="private", show_progress="hidden")

@@ -152,7 +152,7 @@ def _whole(name: str, value, minimum: int = 0) -> int:
 
 def make_request(models: WebModels, *, prompts: str, seeds: str, num_images=1, method: str = "V",
                  vanilla_steps=None, ref_start_step=None, mask_start_step=None, tau=None, steps=None,
-                 guidance=None, reference: str | Path | None = None, compare: bool = False,
+                 guidance=None, target_start=None, reference: str | Path | None = None, compare: bool = False,
                  show_masks: bool = False) -> Request:
     """The page's fields as a checked request; a LayoutRetouchError names the first problem for the page."""
     lines = tuple(dict.fromkeys(line.strip() for line in str(prompts or "").splitlines() if line.strip()))
@@ -174,6 +174,8 @@ def make_request(models: WebModels, *, prompts: str, seeds: str, num_images=1, m
     changes["mask_start_step"] = None if mask_start_step in (None, "") else _whole("S_mask", mask_start_step)
     if tau is not None:
         changes["tau"] = _real("tau", tau)
+    if target_start is not None:
+        changes["target_start"] = target_start  # the config names a bad value
     if changes["method"] not in METHODS:
         raise LayoutRetouchError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     config = defaults.replace(**changes)  # its own checks (T_l within the steps, tau in [0, 1)) run here
