@@ -109,8 +109,9 @@ def test_request_fields_reach_the_config(engine):
     assert make_request(engine.models, **fields(ref_start_step=2, mask_start_step=None)).config.mask_start == 2
     assert make_request(engine.models, **fields(compare=True, method="I")).config.method == "V"
     assert make_request(engine.models, **fields()).config.target_start == "layout"  # the world's, unless asked
-    paper = make_request(engine.models, **fields(target_start="noise", vanilla_steps=3)).config
-    assert (paper.target_start, paper.target_start_step) == ("noise", 0)
+    for start, first_step in (("noise", 0), ("layout", 3)):
+        config = make_request(engine.models, **fields(target_start=start, vanilla_steps=3)).config
+        assert (config.target_start, config.target_start_step) == (start, first_step)
 
 
 @pytest.mark.parametrize("changes, words", [
