@@ -76,22 +76,15 @@ def mask_probe(constant: float | None, coverage: list[float]):
 def main() -> None:
     from layout_retouch.config import LayoutRetouchConfig
     from layout_retouch.pipeline import LayoutRetouchPipeline
+    from layout_retouch.toyworld import world
     from layout_retouch.toyworld.bench import scaled_step_settings
     from layout_retouch.toyworld.oracles import Oracles
     from layout_retouch.toyworld.probes import CONTEXT_SCENES
     from layout_retouch.toyworld.scene import SCENES
-    from layout_retouch.toyworld.world import (
-        CLASS_WORD,
-        TOKEN,
-        TOY_METHOD,
-        TOY_MODELS,
-        TOY_SETTINGS,
-        find_toy_models,
-    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("variants", nargs="*", help=f"names ({', '.join(VARIANTS)}) or METHOD:key=value,...")
-    parser.add_argument("--models", type=Path, default=TOY_MODELS)
+    parser.add_argument("--models", type=Path, default=world.TOY_MODELS)
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt (4 scene prompts)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
@@ -100,13 +93,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    vanilla, dreambooth, reference = find_toy_models(models=args.models)
-    pipe = LayoutRetouchPipeline.from_pretrained(str(vanilla), personalized=str(dreambooth), token=TOKEN,
-                                                 class_word=CLASS_WORD, progress=False)
+    vanilla, dreambooth, reference = world.find_toy_models(models=args.models)
+    pipe = LayoutRetouchPipeline.from_pretrained(str(vanilla), personalized=str(dreambooth), token=world.TOKEN,
+                                                 class_word=world.CLASS_WORD, progress=False)
     oracles = Oracles.load()
-    prompts = {scene: f"a photo of a {TOKEN} {CLASS_WORD} {SCENES[scene]}" for scene in CONTEXT_SCENES}
-    settings = TOY_SETTINGS if args.settings == "world" else {}
-    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **TOY_METHOD, **settings)
+    prompts = {scene: f"a photo of a {world.TOKEN} {world.CLASS_WORD} {SCENES[scene]}" for scene in CONTEXT_SCENES}
+    settings = world.TOY_SETTINGS if args.settings == "world" else {}
+    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **world.TOY_METHOD, **settings)
     for name in args.variants or VARIANTS:
         changes, constant = VARIANTS[name] if name in VARIANTS else parse_variant(name)
         config = LayoutRetouchConfig(**{**base, **changes})
