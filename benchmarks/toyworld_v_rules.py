@@ -1,6 +1,6 @@
 """Where does the full method (V) lose the layout? Issue 14 item 5, one rule at a time, in a toy world.
 
-Runs the method through `LayoutRetouchPipeline` on a toy world's DreamBooth with one config change per
+Runs the method through `LayoutRetouchPipeline` on a toy world's DreamBooth (or LoRA) with one config change per
 variant and reads every target and its layout with the oracles: the target's scene against the prompt's
 and against the layout's, identity, the subject's distance to the layout's subject, and the blend mask's
 mean coverage. Two variants replace the adaptive mask by a constant (M = 0: the target takes the layout's
@@ -77,7 +77,7 @@ def main() -> None:
     from layout_retouch.config import LayoutRetouchConfig
     from layout_retouch.pipeline import LayoutRetouchPipeline
     from layout_retouch.toyworld import world
-    from layout_retouch.toyworld.bench import scaled_step_settings
+    from layout_retouch.toyworld.bench import PERSONALIZATION_FOLDERS, scaled_step_settings
     from layout_retouch.toyworld.oracles import Oracles
     from layout_retouch.toyworld.probes import CONTEXT_SCENES
     from layout_retouch.toyworld.scene import SCENES
@@ -88,13 +88,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt (4 scene prompts)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--personalization", choices=("dreambooth", "lora"), default="dreambooth",
+                        help="which of the toy world's personalized models (both say `sks star`)")
     parser.add_argument("--settings", choices=("paper", "world"), default="paper",
                         help="the paper's defaults, or the world's (toyworld/world.py TOY_SETTINGS, as make demo)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    vanilla, dreambooth, reference = world.find_toy_models(models=args.models)
-    pipe = LayoutRetouchPipeline.from_pretrained(str(vanilla), personalized=str(dreambooth), token=world.TOKEN,
+    folder = PERSONALIZATION_FOLDERS[args.personalization]
+    vanilla, personalized, reference = world.find_toy_models(folder, models=args.models)
+    pipe = LayoutRetouchPipeline.from_pretrained(str(vanilla), personalized=str(personalized),
+                                                 personalization=args.personalization, token=world.TOKEN,
                                                  class_word=world.CLASS_WORD, progress=False)
     oracles = Oracles.load()
     prompts = {scene: f"a photo of a {world.TOKEN} {world.CLASS_WORD} {SCENES[scene]}" for scene in CONTEXT_SCENES}
