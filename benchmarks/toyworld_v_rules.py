@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--personalization", choices=("dreambooth", "lora"), default="dreambooth",
                         help="which of the toy world's personalized models (both say `sks star`)")
-    parser.add_argument("--settings", choices=("paper", "world"), default="paper",
+    parser.add_argument("--settings", choices=tuple(world.SETTINGS), default="paper",
                         help="the paper's defaults, or the world's (toyworld/world.py TOY_SETTINGS, as make demo)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,8 +102,8 @@ def main() -> None:
                                                  class_word=world.CLASS_WORD, progress=False)
     oracles = Oracles.load()
     prompts = {scene: f"a photo of a {world.TOKEN} {world.CLASS_WORD} {SCENES[scene]}" for scene in CONTEXT_SCENES}
-    settings = world.TOY_SETTINGS if args.settings == "world" else {}
-    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **world.TOY_METHOD, **settings)
+    base = dict(num_inference_steps=args.steps, **scaled_step_settings(args.steps), **world.TOY_METHOD,
+                **world.SETTINGS[args.settings])
     for name in args.variants or VARIANTS:
         changes, constant = VARIANTS[name] if name in VARIANTS else parse_variant(name)
         config = LayoutRetouchConfig(**{**base, **changes})

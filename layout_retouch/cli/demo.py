@@ -26,10 +26,10 @@ from layout_retouch.errors import LayoutRetouchError
 from layout_retouch.outputs import atomic_write_bytes, save_png
 from layout_retouch.toyworld.world import (  # noqa: F401
     CLASS_WORD,
+    SETTINGS,
     TOKEN,
     TOY_METHOD,
     TOY_MODELS,
-    TOY_SETTINGS,
     find_toy_models,
 )
 
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="toy personalized model under toyworld/models (or any path)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the grid shows the first)")
     p.add_argument("--steps", type=int, default=LayoutRetouchConfig().num_inference_steps)
-    p.add_argument("--settings", choices=("world", "paper"), default="world",
+    p.add_argument("--settings", choices=tuple(SETTINGS), default="world",
                    help="world: the settings this toy world's measurements pick (T_l 20 of 50, the target started "
                    "from the layout; toyworld/world.py); paper: the paper's defaults, with which Stage 2 cannot "
                    "steer the toy DreamBooth (docs/RESULTS.md)")
@@ -78,9 +78,8 @@ def run(args) -> int:
     start = time.perf_counter()
     pipe = LayoutRetouchPipeline.from_pretrained(str(base), personalized=str(tuned), token=TOKEN,
                                                  class_word=CLASS_WORD, progress=False)
-    settings = TOY_SETTINGS if args.settings == "world" else {}
     config = LayoutRetouchConfig(num_inference_steps=args.steps, inversion_cache_dir=str(out / "cache"),
-                                 **TOY_METHOD, **settings)
+                                 **TOY_METHOD, **SETTINGS[args.settings])
     results: dict[str, list] = {"I": [], "II": [], "V": []}
     rows = []
     for prompt in tqdm(PROMPTS, desc="demo", disable=args.quiet):

@@ -26,6 +26,8 @@ TOY_METHOD = dict(segmenter="toy", mask_attention_resolution=0.5)
 # the vanilla steps (`target_start`), since the layout's queries and keys cannot move a toy DreamBooth's subject
 # (toy-probes P1b): the paper's early swap cannot give the target the layout's structure in this world.
 TOY_SETTINGS = dict(vanilla_steps=0.4, target_start="layout")
+# By name, for the commands' --settings: the world's, or the paper's defaults (no change to the config).
+SETTINGS = {"world": TOY_SETTINGS, "paper": {}}
 
 
 def find_toy_models(personalized: str = DREAMBOOTH, models: Path = TOY_MODELS) -> tuple[Path, Path, Path]:
