@@ -171,3 +171,32 @@ def test_unet_stage_refuses_a_vae_of_the_wrong_factor(tmp_path):
     shutil.copytree(VANILLA / "vae", tmp_path / "vae")  # factor 4: 16x16 latents
     with pytest.raises(ValueError, match="factor 2"):
         train_unet(tmp_path, tmp_path / "work", 0, UnetRecipe(arch="v4", steps=1))
+
+
+def test_muted_cross_attention_stays_text_free_under_training():
+    from layout_retouch.toyworld.components import build_unet_v2, mute_cross_attention
+
+    torch.manual_seed(0)
+    unet = build_unet_v2()
+    muted = mute_cross_attention(unet, (16, 8))
+    assert muted and all(name.endswith("attn2") for name in muted)
+    assert len(muted) == 6  # v2: one encoder and two decoder transformer blocks at each of 16x16 and 8x8
+    modules = dict(unet.named_modules())
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-2, weight_decay=1e-2)
+    latents = torch.randn(2, 4, 16, 16)
+    for _ in range(2):
+        text = torch.randn(2, 8, unet.config.cross_attention_dim)
+        loss = unet(latents, torch.tensor([500, 20]), text).sample.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    outputs = {}
+    for name in muted:
+        modules[name].register_forward_hook(lambda m, args, out, name=name: outputs.setdefault(name, out))
+    with torch.no_grad():  # one latent, two texts: a muted layer gives both the same
+        unet(latents[:1].repeat(2, 1, 1, 1), torch.tensor([500, 500]), torch.randn(2, 8, 128))
+    for name in muted:
+        assert not modules[name].to_v.weight.any() and not modules[name].to_out[0].weight.any(), name
+        assert torch.equal(outputs[name][0], outputs[name][1]), name
+    kept = [name for name in modules if name.endswith("attn2") and name not in muted]
+    assert kept and all(modules[name].to_v.weight.any() for name in kept)

@@ -107,6 +107,29 @@ def build_unet_v4() -> UNet2DConditionModel:
     )
 
 
+def mute_cross_attention(unet: UNet2DConditionModel, sides: tuple[int, ...]) -> list[str]:
+    """Cut the text out of the cross-attention layers whose feature map is `sides` x `sides`; returns their names.
+
+    Zero value and output projections make a layer's result a text-free constant (the output bias), and
+    they stay zero under any gradient training, DreamBooth and LoRA included: the output projection's
+    gradient is the layer's attention result (zero), the value projection's passes through the output
+    projection (zero). So the text can reach the image only at the other levels, while the folder stays a
+    plain `UNet2DConditionModel` (issue 14: in v2 the text places the subject through the 8x8
+    cross-attention, and self-attention does not get a say).
+    """
+    from layout_retouch.layers import attention_layers
+
+    side = unet.config.sample_size
+    muted = [layer.name for layer in attention_layers(unet)
+             if layer.cross and round(side * layer.resolution) in sides]
+    modules = dict(unet.named_modules())
+    for name in muted:
+        for weight in (modules[name].to_v.weight, modules[name].to_v.bias, modules[name].to_out[0].weight):
+            if weight is not None:
+                weight.data.zero_()
+    return muted
+
+
 # Toy UNet layouts by name (train_vanilla.py --arch): "v1" the first world's layout, "v2" every block attends (shipped),
 # "v3" every block attends twice, "v4" v2 on the 32x32 latent (needs the factor-2 VAE, --vae-factor 2).
 UNET_ARCHITECTURES = {"v1": build_unet, "v2": build_unet_v2, "v3": build_unet_v3, "v4": build_unet_v4}

@@ -31,6 +31,7 @@ from layout_retouch.toyworld.components import (
     build_text_encoder,
     build_unet,
     build_vae,
+    mute_cross_attention,
     sample_scheduler,
     train_scheduler,
 )
@@ -71,6 +72,9 @@ class UnetRecipe:
     # Gray levels of render.texture_field on every training image (0: the flat renders every shipped model
     # saw); issue 14's textured pilot fine-tunes v2 on 20 (toyworld README, "the textured pilot").
     texture: float = 0.0
+    # Latent sides whose cross-attention is cut from the text (components.mute_cross_attention); () keeps all.
+    # Issue 14's thirteenth session tries (16, 8): the text then speaks at 4x4 only.
+    mute_cross_attention: tuple[int, ...] = ()
 
 
 CHECKPOINT_EVERY_S = 180  # seconds between checkpoints
@@ -275,6 +279,10 @@ def train_unet(out: Path, work: Path, seed: int, recipe: UnetRecipe,
         step = fresh_moments_from = continue_from(init_from, modules)
     else:
         step = 0
+    if recipe.mute_cross_attention:  # again after a resume: a no-op then, the muted weights stay zero
+        for module in (unet, ema_unet):
+            muted = mute_cross_attention(module, recipe.mute_cross_attention)
+        print(f"cross-attention cut from the text: {', '.join(muted)}", flush=True)
     # A run resumed at its last step only exports the pipeline: no need to encode the data.
     means, stds, specs = encode_pool(vae, seed, recipe.pool if step < recipe.steps else 0, cache=work,
                                      texture=recipe.texture)
@@ -396,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of captions without their scene (default: scene.DROP_PROB's)")
     parser.add_argument("--texture", type=float, default=UnetRecipe.texture,
                         help="gray levels of the smooth luminance texture on every training render (render.py)")
+    parser.add_argument("--mute-cross-attention", type=int, nargs="+", default=[], metavar="SIDE",
+                        help="latent sides (e.g. 16 8) whose cross-attention gets zero value and output "
+                             "projections, which training cannot move: the text reaches the image elsewhere only")
     parser.add_argument("--text-encoder-from", type=Path, default=None,
                         help="pipeline folder whose trained tokenizer and text encoder are used, frozen")
     parser.add_argument("--vae-from", type=Path, default=None,
@@ -437,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("unet", "all"):
         recipe = UnetRecipe(steps=args.unet_steps, batch=args.unet_batch, arch=args.arch,
                             scene_drop=args.scene_drop, text_encoder_from=args.text_encoder_from,
-                            texture=args.texture)
+                            texture=args.texture, mute_cross_attention=tuple(args.mute_cross_attention))
         if args.pool:
             recipe.pool = args.pool
         train_unet(args.out, args.work, args.seed, recipe, args.max_minutes, args.grow_from, args.init_from,
