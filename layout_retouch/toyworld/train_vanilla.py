@@ -73,7 +73,7 @@ class UnetRecipe:
     # saw); issue 14's textured pilot fine-tunes v2 on 20 (toyworld README, "the textured pilot").
     texture: float = 0.0
     # Latent sides whose cross-attention is cut from the text (components.mute_cross_attention); () keeps all.
-    # Issue 14's thirteenth session tries (16, 8): the text then speaks at 4x4 only.
+    # Issue 14's fourteenth session tries (16, 8): the text then speaks at 4x4 only (toyworld README).
     mute_cross_attention: tuple[int, ...] = ()
 
 
