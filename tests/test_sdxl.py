@@ -340,7 +340,8 @@ def test_model_offload_moves_both_text_encoders_and_gives_the_same_images(sdxl_d
     offloaded = load(sdxl_dir)
     offloaded.enable_model_cpu_offload("cpu")
     assert hasattr(offloaded.models.pipe.text_encoder_2, "_hf_hook")
-    assert torch.allclose(full(offloaded), expected, atol=1e-5)
+    # float rounding only: offloading changed latents of magnitude up to 16 by 2.3e-5 on an AMD EPYC
+    assert torch.allclose(full(offloaded), expected, atol=1e-4)
 
 
 def test_a_refiner_or_a_damaged_checkpoint_is_one_clear_error(tmp_path):

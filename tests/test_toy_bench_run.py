@@ -84,9 +84,13 @@ def test_row_two_from_full_method_equals_its_own_call(tiny_models, tmp_path):
     for a, b in zip(full["II"], alone["II"], strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(full["V"][0]), np.asarray(full["II"][0]))
-    # batching seeds gives each seed its own image, as one call per seed does
+    # batching seeds gives each seed its own image, as one call per seed does: to one level of 255, since
+    # torch's CPU kernels may round a batch of one differently from a batch of three (seen on an AMD EPYC);
+    # another seed's image would differ everywhere
     single = generate(pipe, "II", text, (1,), settings.config("II"), settings.reference)
-    assert np.array_equal(np.asarray(single["II"][0]), np.asarray(alone["II"][1]))
+    diff = np.abs(np.asarray(single["II"][0]).astype(int) - np.asarray(alone["II"][1]).astype(int))
+    assert diff.max() <= 1
+    assert not np.array_equal(np.asarray(alone["II"][0]), np.asarray(alone["II"][1]))
 
 
 def test_sweep_writes_table_and_plot_with_each_point_once(tiny_models, tmp_path, monkeypatch):
