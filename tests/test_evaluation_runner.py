@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -67,6 +68,17 @@ class Counting:
 def _read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def _same_up_to_rounding(a: str, b: str) -> bool:
+    """The same text, numbers equal to float rounding: processes with another thread count round differently."""
+    if NUMBER.split(a) != NUMBER.split(b):
+        return False
+    return np.allclose([float(x) for x in NUMBER.findall(a)], [float(x) for x in NUMBER.findall(b)],
+                       rtol=1e-4, atol=1e-3)
 
 
 def _cli_args(dataset, models, out):
@@ -147,8 +159,9 @@ def test_two_processes_give_the_same_results_as_one(tmp_path, models, dataset, u
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = Counter(line.split()[0] for line in log.read_text().splitlines())
     assert ranks == {"0": 4, "1": 4}  # the 8 images were split, none made twice
-    assert _read_csv(two / "results.csv") == _read_csv(uninterrupted / "results.csv")
-    assert (two / "table.md").read_text() == (uninterrupted / "table.md").read_text()
+    # one torch thread each against the in-process run's own: the same rows, numbers to float rounding
+    assert _same_up_to_rounding((two / "results.csv").read_text(), (uninterrupted / "results.csv").read_text())
+    assert _same_up_to_rounding((two / "table.md").read_text(), (uninterrupted / "table.md").read_text())
 
 
 def test_cli_bad_inputs_give_clear_errors(tmp_path, models, dataset, capsys):
