@@ -12,14 +12,19 @@ from layout_retouch.attention_control import LAYOUT, TARGET, ControlPlan
 from layout_retouch.cli import main
 from layout_retouch.sampling import PathInput
 from layout_retouch.toyworld.probes import (
+    VARIED_LAYOUT,
     ProbeSettings,
     World,
+    _retouch,
+    _stage1,
     early_map_plan,
     groups,
     interval,
     markdown_table,
     passes,
+    probe_config,
     run_probes,
+    settled_layout_paths,
     source_outputs_in_target,
     vanilla_outputs_in_personalized,
 )
@@ -89,6 +94,20 @@ def test_a_replayed_source_stays_as_given_and_steers_the_target(world):
     assert torch.allclose(alone, plain, atol=1e-5)
 
 
+def test_p1b_settled_target_is_the_methods_target_but_for_the_swap(world):
+    """P1b's "settled" reading runs outside `retouch`: without control its target must be the method's own."""
+    settings = ProbeSettings(steps=STEPS)
+    config = probe_config(settings, VARIED_LAYOUT)
+    cond, timesteps, z, layout = _stage1(world, settings, [0], "night", config)
+    method = _retouch(world, config, ControlPlan(), cond, z, timesteps, layout)
+    finished, target = settled_layout_paths(layout, cond, z)
+    kept, alone = world.lockstep(finished, target, ControlPlan(), timesteps, settings.guidance)
+    assert torch.equal(kept, layout.latents[-1])
+    assert torch.allclose(alone, method, atol=1e-5)
+    steered = world.lockstep(finished, target, early_map_plan(STEPS), timesteps, settings.guidance)[1]
+    assert not torch.allclose(steered, method, atol=1e-3)
+
+
 def test_p1_bar_is_relative_to_its_baseline():
     flat = {"P1.median_center_distance_px": 6.0, "P1.baseline_median_center_distance_px": 21.0}
     assert passes("P1.median_center_distance_px", flat)
@@ -103,7 +122,7 @@ def test_probes_report_every_headline_number(world, tmp_path):
     table = markdown_table({"shipped": run.results})
     for key in ("P1.median_center_distance_px", "P1.baseline_median_center_distance_px", "P1.scene_rate",
                 "P1.settled_source_median_center_distance_px", "P1b.median_center_distance_px",
-                "P1b.output_swap_median_center_distance_px",
+                "P1b.output_swap_median_center_distance_px", "P1b.settled_layout_median_center_distance_px",
                 "P2.paper_layers_scene_agreement", "P2.all_layers_scene_agreement", "P3.color_transfer_rate",
                 "P4.min_block_contribution", "P5.final_iou", "P6.baseline_median_center_distance_px",
                 "P6.self_attention_16_median_center_distance_px", "P6.stream_4_median_center_distance_px",

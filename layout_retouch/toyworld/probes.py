@@ -13,7 +13,9 @@ bootstrap interval, measured by the toy world's oracles; `layout-retouch toy-pro
   three steps, while its maps at those steps hardly single the subject out; this tells a map that comes
   too early from one that cannot carry place at all).
 - P1b the method's own case: the DreamBooth target from P_n and the layout's noise, the layout's Q, K in
-  every self-attention layer over the first half: median distance of the target's subject to the layout's.
+  every self-attention layer over the first half: median distance of the target's subject to the layout's;
+  also with the layout's Q, K, V ("qkv") and with the Q, K of the finished layout image on every step of the
+  first half ("settled", P1's settled source in the method's case; not the paper's rule).
 - P2 blend bound: Stage 2 with M = 0 (the target takes the layout's self-attention layer outputs) in the
   paper's blend layers, and in every self-attention layer: share of targets whose scene is the layout's
   (and, for comparison, of targets with no control at all).
@@ -242,7 +244,7 @@ VARIED_LAYOUT = 0.5  # T_l of P1b and P2, as a share of the steps
 
 def probe_p1b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
     config = probe_config(s, VARIED_LAYOUT)
-    injected, own, outputs = [], [], []
+    injected, own, outputs, settled = [], [], [], []
     # "outputs": the layout's Q, K and V, not its Q, K alone: the target's attention returns the layout's whole
     # result (an upper bound: can self-attention move the personalized target's subject at all?)
     outputs_plan = ControlPlan(early_swap="qkv", ref_start=s.steps // 2)
@@ -251,15 +253,27 @@ def probe_p1b(world: World, s: ProbeSettings, seeds: list[int]) -> dict:
         target = _retouch(world, config, early_map_plan(s.steps), cond, z, timesteps, layout)
         alone = _retouch(world, config, ControlPlan(), cond, z, timesteps, layout)
         swapped = _retouch(world, config, outputs_plan, cond, z, timesteps, layout)
+        steered = world.lockstep(*settled_layout_paths(layout, cond, z), early_map_plan(s.steps), timesteps,
+                                 s.guidance)[1]
         n = len(batch)
-        readings = world.read(torch.cat([layout.latents[-1], target, alone, swapped]))
+        readings = world.read(torch.cat([layout.latents[-1], target, alone, swapped, steered]))
         for i in range(n):
-            read_layout, read_target, read_alone, read_swapped = readings[i::n]
+            read_layout, read_target, read_alone, read_swapped, read_steered = readings[i::n]
             injected.append(distance(read_target.center, read_layout.center))
             own.append(distance(read_alone.center, read_layout.center))
             outputs.append(distance(read_swapped.center, read_layout.center))
+            settled.append(distance(read_steered.center, read_layout.center))
     return {"median_center_distance_px": interval(injected), "baseline_median_center_distance_px": interval(own),
-            "output_swap_median_center_distance_px": interval(outputs)}
+            "output_swap_median_center_distance_px": interval(outputs),
+            "settled_layout_median_center_distance_px": interval(settled)}
+
+
+def settled_layout_paths(layout: LayoutTrajectory, cond: RetouchConditioning, z: torch.Tensor
+                         ) -> tuple[PathInput, PathInput]:
+    """P1b's "settled" pair: the finished layout replayed at t = 0 on its last step's model and prompt (the
+    personalized model with P_p), and the method's target (the personalized model, P_n, the layout's noise)."""
+    finished = PathInput(LAYOUT, layout.latents[-1], True, cond.personalized, timestep=torch.tensor(0))
+    return finished, PathInput(TARGET, z, True, cond.neutral)
 
 
 def _image_rmse(a, b) -> float:
